@@ -1,0 +1,32 @@
+"""k15: the Kimi k1.5 reinforcement-learning recipe in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="k15",
+    version="0.1.0",
+    description="Kimi k1.5 RL (online mirror descent, long CoT) in JAX/Flax",
+    packages=setuptools.find_packages(include=["k15", "k15.*"]),
+    package_data={"k15": ["assets/*"]},
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.10",
+        "tensorstore",
+        "grain>=0.2.2",
+        "sentencepiece>=0.2",
+        "ml-collections>=0.1.1",
+        "tensorboardX>=2.6",
+        "absl-py",
+        "tqdm",
+        "numpy",
+        "chex",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist", "ruff"],
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+)
