@@ -244,12 +244,13 @@ def loss(
     1; averaged over a row's masked tokens, then over real rows (GRPO's
     sequence-mean of token means).
   """
-  mask_BxT = batch["loss_mask_BxT"].astype(bool)
   ref_BxT = batch["ref_logp_BxT"]
   adv_B = jax.lax.stop_gradient(batch["advantages_B"].astype(jnp.float32))
   w_B = batch.get("sample_weight_B")
   w_B = jnp.ones(adv_B.shape, jnp.float32) if w_B is None else w_B
   w_B = w_B.astype(jnp.float32)
+  # Padding rows may hold anything (even -inf): mask them out entirely.
+  mask_BxT = batch["loss_mask_BxT"].astype(bool) & (w_B > 0)[:, None]
   n_real = jnp.maximum(w_B.sum(), 1.0)
   wmean = lambda x_B: (w_B * x_B).sum() / n_real
 
