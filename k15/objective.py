@@ -242,7 +242,12 @@ def loss(
   grpo: per token -min(ratio A, clip(ratio, 1 +- eps) A) + kl_coef * k3 with
     ratio = exp(logp - behaviour_logp), k3 = exp(ref - logp) - (ref - logp) -
     1; averaged over a row's masked tokens, then over real rows (GRPO's
-    sequence-mean of token means).
+    sequence-mean of token means); normalize_length only changes its rho
+    metrics.
+  Padding rows (w_b = 0) are masked out entirely, so they may hold junk.
+  Metrics: loss, rho_abs (mean |rho|), rho_sq (mean rho^2, a KL proxy),
+  advantage (mean A), entropy_proxy (-mean masked token logp), token_frac
+  (masked tokens / (real rows * T)); plus selected (rest), clip_frac (grpo).
   """
   ref_BxT = batch["ref_logp_BxT"]
   adv_B = jax.lax.stop_gradient(batch["advantages_B"].astype(jnp.float32))
