@@ -1,0 +1,66 @@
+"""grain pipelines: supervised (warm-up / control / rejection-sampling) batches.
+
+A dataset is a `grain.MapDataset`, indexed by step: `ds[step]` is the batch
+of that step, reshuffled each epoch. Its position in a run is therefore just
+the step number, which the checkpoint already holds, and a resumed run draws
+exactly the batches it would have drawn. Each process reads its own slice of
+every batch (`process_slice`), so hosts never load each other's rows.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+
+from k15 import rollout
+from k15 import tokenizer as tokenizer_lib
+
+
+def encode_sft(tok: tokenizer_lib.Tokenizer, question: str, trace: str
+               ) -> tuple[list[int], list[int]]:
+  """(prompt ids, response ids + EOS) under the chat template."""
+  prompt = tok.encode(tokenizer_lib.format_prompt(question))
+  response = tok.encode(trace) + [tok.eos_id]
+  return prompt, response
+
+
+def sft_dataset(examples: list[tuple[list[int], list[int]]], *,
+                batch_size: int, prompt_len: int, response_len: int,
+                pad_id: int, seed: int) -> grain.MapDataset:
+  """Infinite, per-epoch reshuffled batches in the `rollout.to_batch` layout.
+
+  Raises naming the first example that does not fit the lengths.
+  """
+  if not examples:
+    raise ValueError("sft: no examples")
+  for i, (p, r) in enumerate(examples):
+    if len(p) > prompt_len or len(r) > response_len:
+      raise ValueError(
+          f"sft example {i}: prompt {len(p)} / response {len(r)} tokens "
+          f"exceed prompt_len={prompt_len} / response_len={response_len}")
+
+  def collate(rows):
+    prompts = [r[0] for r in rows]
+    responses = [np.asarray(r[1], np.int32) for r in rows]
+    return rollout.to_batch(prompts, responses, prompt_len=prompt_len,
+                            response_len=response_len, pad_id=pad_id)
+
+  ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
+  return ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
+
+
+def process_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """This process's contiguous share of a global batch (multi-host)."""
+  n, i = jax.process_count(), jax.process_index()
+  if n == 1:
+    return batch
+
+  def take(x):
+    if x.shape[0] % n:
+      raise ValueError(f"global batch {x.shape[0]} not divisible by "
+                       f"{n} processes")
+    per = x.shape[0] // n
+    return x[i * per:(i + 1) * per]
+
+  return {k: take(v) for k, v in batch.items()}

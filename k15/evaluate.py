@@ -1,0 +1,76 @@
+"""Held-out evaluation: pass@1 over n samples, greedy accuracy, lengths.
+
+pass@1 is the mean over problems of the fraction of the n samples (at the
+configured temperature, 1.0 as in the report's "total@temp_1.0") that are
+correct; a response that did not finish (cut by budget or length, or stopped
+for repeating) is wrong. Token efficiency is reported as mean response
+length and accuracy per 1k tokens, for the long2short comparisons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from k15 import rollout, sampler
+from k15 import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  num_samples: int = 4
+  temperature: float = 1.0
+  greedy: bool = True
+  max_problems: int = 0  # 0 = all
+
+
+def score_responses(tok: tokenizer_lib.Tokenizer,
+                    gens: Sequence[rollout.Generation],
+                    answers: Sequence[str],
+                    verify: Callable[[str, str], bool]) -> np.ndarray:
+  """1.0 where a finished response verifies against its answer."""
+  out = np.zeros(len(gens), np.float32)
+  for i, (g, a) in enumerate(zip(gens, answers, strict=True)):
+    if g.status == sampler.STOPPED and verify(tok.decode(g.response), a):
+      out[i] = 1.0
+  return out
+
+
+def evaluate(params, problems: Sequence, rng: jax.Array, *,
+             tok: tokenizer_lib.Tokenizer, model, sampling: sampler.
+             SamplingConfig, gen: rollout.GenConfig, cfg: EvalConfig,
+             verify: Callable[[str, str], bool], shard_fn=None
+             ) -> dict[str, float]:
+  if cfg.max_problems:
+    problems = problems[:cfg.max_problems]
+  prompts = [tok.encode(tokenizer_lib.format_prompt(p.question))
+             for p in problems]
+  answers = [p.answer for p in problems]
+  n = cfg.num_samples
+  samp = dataclasses.replace(sampling, temperature=cfg.temperature)
+  gens = rollout.generate(params, [q for q in prompts for _ in range(n)],
+                          rng, model=model, sampling=samp, gen=gen,
+                          pad_id=tok.pad_id, shard_fn=shard_fn)
+  correct_PxN = score_responses(tok, gens, [a for a in answers
+                                            for _ in range(n)],
+                                verify).reshape(len(problems), n)
+  lengths = np.array([len(g.response) for g in gens], np.float32)
+  out = dict(pass1=float(correct_PxN.mean()),
+             mean_length=float(lengths.mean()),
+             finished=float(np.mean([g.status == sampler.STOPPED
+                                     for g in gens])))
+  diffs = np.array([getattr(p, "difficulty", 0) for p in problems])
+  for d in np.unique(diffs):
+    out[f"pass1_d{int(d)}"] = float(correct_PxN[diffs == d].mean())
+  if cfg.greedy:
+    greedy = dataclasses.replace(sampling, temperature=0.0)
+    g_gens = rollout.generate(params, prompts, jax.random.fold_in(rng, 1),
+                              model=model, sampling=greedy, gen=gen,
+                              pad_id=tok.pad_id, shard_fn=shard_fn)
+    out["greedy_acc"] = float(score_responses(tok, g_gens, answers,
+                                              verify).mean())
+  out["acc_per_1k_tokens"] = out["pass1"] / max(out["mean_length"], 1) * 1e3
+  return out

@@ -1,0 +1,307 @@
+"""The decoder: RMSNorm, RoPE, GQA attention, SwiGLU, scan over layers.
+
+Dimension key (suffixes on tensor names):
+  B batch, T tokens of this call, S cache length (keys), D model width,
+  H query heads, K kv heads, Dh head dim, F mlp width, V vocab, L layers.
+
+One module serves training, prefill and decode. Every token carries an
+explicit position and segment id (0 = padding), so packed sequences,
+left-padded prompts and a partly filled KV cache all use one mask rule (see
+`attention.attend`). The cache is explicit state passed in and out:
+
+  cache = {"k": [L,B,S,K,Dh], "v": [L,B,S,K,Dh], "pos": [B,S], "seg": [B,S]}
+
+and a call with a cache writes its T new keys at slots [index, index + T).
+Params carry logical axis names (`vocab, embed, mlp, heads, kv_heads,
+head_dim, layers`) that `k15.sharding` maps onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k15 import attention
+
+Params = Any
+Cache = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static model shape; hashable so it can be a jit static argument."""
+
+  vocab_size: int = 256
+  num_layers: int = 2
+  d_model: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 32
+  mlp_dim: int = 512
+  max_len: int = 256
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  norm_eps: float = 1e-6
+  dtype: str = "float32"  # activations and KV cache
+  param_dtype: str = "float32"
+  remat: str = "none"  # none | full | dots
+  attention: str = "dense"  # dense | blockwise | ring | cudnn | splash
+  attention_block: int = 512
+  logits_chunk: int = 1024  # tokens per chunk when computing log-probs
+  emb_init_scale: float = 1.0
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} is not a multiple of "
+          f"model.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE)")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"model.remat={self.remat!r}: none | full | dots")
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def num_params(self) -> int:
+    D, F, V = self.d_model, self.mlp_dim, self.vocab_size
+    H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+    attn = D * H * Dh * 2 + D * K * Dh * 2
+    if self.qkv_bias:
+      attn += (H + 2 * K) * Dh
+    per_layer = attn + 3 * D * F + 2 * D
+    emb = V * D * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + emb + D
+
+
+def _param(module, name, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.dtype(dtype))
+
+
+def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float):
+  """Rotary embedding, rotate-half layout (as Llama/Qwen2 checkpoints)."""
+  Dh = x_BxTxNxDh.shape[-1]
+  freq = theta ** (-jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh)
+  ang_BxTxF = pos_BxT[..., None].astype(jnp.float32) * freq
+  sin = jnp.sin(ang_BxTxF)[:, :, None, :]
+  cos = jnp.cos(ang_BxTxF)[:, :, None, :]
+  x = x_BxTxNxDh.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxDh.dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    scale = _param(self, "scale", nn.initializers.ones, (x_BxTxD.shape[-1],),
+                   ("embed",), self.cfg.param_dtype)
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
+                          + self.cfg.norm_eps)
+    return (x * scale.astype(jnp.float32)).astype(self.cfg.jnp_dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm attention + SwiGLU block. Returns (x, new layer kv or None)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, layer_kv, q_pos_BxT, q_seg_BxT, kv_pos_BxS,
+               kv_seg_BxS, index):
+    cfg = self.cfg
+    D, H, K, Dh, F = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
+                      cfg.head_dim, cfg.mlp_dim)
+    dt, pdt = cfg.jnp_dtype, cfg.param_dtype
+    init = nn.initializers.lecun_normal()
+    x_BxTxD = nn.with_logical_constraint(
+        x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+
+    h = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
+    wq = _param(self, "q", init, (D, H, Dh), ("embed", "heads", "head_dim"),
+                pdt)
+    wk = _param(self, "k", init, (D, K, Dh), ("embed", "kv_heads", "head_dim"),
+                pdt)
+    wv = _param(self, "v", init, (D, K, Dh), ("embed", "kv_heads", "head_dim"),
+                pdt)
+    wo = _param(self, "o", init, (H, Dh, D), ("heads", "head_dim", "embed"),
+                pdt)
+    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", h, wq.astype(dt))
+    k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", h, wk.astype(dt))
+    v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", h, wv.astype(dt))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q_BxTxHxDh += _param(self, "q_bias", zeros, (H, Dh),
+                           ("heads", "head_dim"), pdt).astype(dt)
+      k_BxTxKxDh += _param(self, "k_bias", zeros, (K, Dh),
+                           ("kv_heads", "head_dim"), pdt).astype(dt)
+      v_BxTxKxDh += _param(self, "v_bias", zeros, (K, Dh),
+                           ("kv_heads", "head_dim"), pdt).astype(dt)
+    q_BxTxHxDh = rope(q_BxTxHxDh, q_pos_BxT, cfg.rope_theta)
+    k_BxTxKxDh = rope(k_BxTxKxDh, q_pos_BxT, cfg.rope_theta)
+
+    if layer_kv is None:  # training / scoring: keys are this call's tokens
+      keys, values, new_kv = k_BxTxKxDh, v_BxTxKxDh, None
+    else:  # write into the cache, attend over all of it
+      k_BxSxKxDh, v_BxSxKxDh = layer_kv
+      keys = jax.lax.dynamic_update_slice_in_dim(
+          k_BxSxKxDh, k_BxTxKxDh.astype(k_BxSxKxDh.dtype), index, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(
+          v_BxSxKxDh, v_BxTxKxDh.astype(v_BxSxKxDh.dtype), index, axis=1)
+      new_kv = (keys, values)
+    out_BxTxHxDh = attention.attend(
+        q_BxTxHxDh, keys, values, q_pos_BxT=q_pos_BxT, q_seg_BxT=q_seg_BxT,
+        kv_pos_BxS=kv_pos_BxS, kv_seg_BxS=kv_seg_BxS, impl=cfg.attention,
+        block_q=cfg.attention_block, block_kv=cfg.attention_block)
+    x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", out_BxTxHxDh,
+                                   wo.astype(dt))
+
+    h = RMSNorm(cfg, name="mlp_norm")(x_BxTxD)
+    w_gate = _param(self, "gate", init, (D, F), ("embed", "mlp"), pdt)
+    w_up = _param(self, "up", init, (D, F), ("embed", "mlp"), pdt)
+    w_down = _param(self, "down", init, (F, D), ("mlp", "embed"), pdt)
+    g_BxTxF = jnp.einsum("btd,df->btf", h, w_gate.astype(dt))
+    u_BxTxF = jnp.einsum("btd,df->btf", h, w_up.astype(dt))
+    g_BxTxF = nn.with_logical_constraint(
+        g_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
+    x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", nn.silu(g_BxTxF) * u_BxTxF,
+                                   w_down.astype(dt))
+    return x_BxTxD, new_kv
+
+
+class Decoder(nn.Module):
+  """Token ids in, final normalised hidden states (or logits) out."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = _param(
+        self, "embedding",
+        nn.initializers.normal(stddev=cfg.emb_init_scale),
+        (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(self, "lm_head", nn.initializers.lecun_normal(),
+                            (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                            cfg.param_dtype)
+    block = Block
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if cfg.remat == "dots" else None)
+      block = nn.remat(Block, policy=policy, prevent_cse=False)
+    self.layers = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                 nn.broadcast), length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    self.final_norm = RMSNorm(cfg)
+
+  def __call__(self, tokens_BxT, pos_BxT, seg_BxT, cache: Cache | None = None,
+               index=0, return_hidden: bool = False):
+    """Returns (hidden_BxTxD or logits_BxTxV, new cache or None)."""
+    x_BxTxD = self.embedding.astype(self.cfg.jnp_dtype)[tokens_BxT]
+    if cache is None:
+      kv_pos, kv_seg, layer_kv = pos_BxT, seg_BxT, None
+    else:
+      kv_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], pos_BxT,
+                                                   index, axis=1)
+      kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["seg"], seg_BxT,
+                                                   index, axis=1)
+      layer_kv = (cache["k"], cache["v"])
+    x_BxTxD, new_kv = self.layers(x_BxTxD, layer_kv, pos_BxT, seg_BxT,
+                                  kv_pos, kv_seg, index)
+    h_BxTxD = self.final_norm(x_BxTxD)
+    new_cache = None
+    if cache is not None:
+      new_cache = dict(k=new_kv[0], v=new_kv[1], pos=kv_pos, seg=kv_seg)
+    if return_hidden:
+      return h_BxTxD, new_cache
+    return self.logits(h_BxTxD), new_cache
+
+  def logits(self, h_BxTxD):
+    w_DxV = (self.embedding.T if self.cfg.tie_embeddings else self.lm_head)
+    logits = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype))
+    return logits.astype(jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
+  """An empty cache: every slot has segment 0, so nothing attends to it."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return dict(k=jnp.zeros(shape, cfg.jnp_dtype),
+              v=jnp.zeros(shape, cfg.jnp_dtype),
+              pos=jnp.zeros((batch, length), jnp.int32),
+              seg=jnp.zeros((batch, length), jnp.int32))
+
+
+def output_weight(params: Params, cfg: ModelConfig) -> jax.Array:
+  """The [D, V] projection from hidden states to logits."""
+  p = params["params"] if "params" in params else params
+  p = nn.unbox(p)
+  return p["embedding"].T if cfg.tie_embeddings else p["lm_head"]
+
+
+def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array,
+                   targets_BxT: jax.Array, chunk: int) -> jax.Array:
+  """log softmax(h @ w)[target] per token, without a [B, T, V] f32 array.
+
+  Scans over chunks of T; each chunk's logits are rematerialised in the
+  backward pass, so peak memory is O(B * chunk * V).
+  """
+  B, T, D = h_BxTxD.shape
+  chunk = min(chunk, T)
+  pad = (-T) % chunk
+  h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+  tgt = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+  n = (T + pad) // chunk
+  h_NxBxCxD = h.reshape(B, n, chunk, D).swapaxes(0, 1)
+  tgt_NxBxC = tgt.reshape(B, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h_BxCxD, tgt_BxC):
+    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV.astype(h_BxCxD.dtype))
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tgt_BxC[..., None], -1)[..., 0]
+    return picked - lse
+
+  out = jax.lax.map(lambda a: one(*a), (h_NxBxCxD, tgt_NxBxC))
+  return out.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
+def sequence_logprobs(params: Params, tokens_BxT: jax.Array,
+                      seg_BxT: jax.Array, *, model: ModelConfig) -> jax.Array:
+  """Per-token log p(tokens[t] | tokens[<t]) at temperature 1, shape [B, T].
+
+  Entry t scores token t (entry 0 is 0: nothing predicts the first token).
+  Positions are derived from the segment ids (left padding allowed).
+  """
+  pos_BxT = positions_from_segments(seg_BxT)
+  h_BxTxD, _ = Decoder(model).apply(params, tokens_BxT, pos_BxT, seg_BxT,
+                                    return_hidden=True)
+  lp_BxTm1 = token_logprobs(h_BxTxD[:, :-1], output_weight(params, model),
+                            tokens_BxT[:, 1:], model.logits_chunk)
+  return jnp.pad(lp_BxTm1, ((0, 0), (1, 0)))
+
+
+def positions_from_segments(seg_BxT: jax.Array) -> jax.Array:
+  """0, 1, 2... over the real (seg != 0) tokens of each row; pads get 0."""
+  real = (seg_BxT != 0).astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0) * real
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def init_params(rng: jax.Array, *, model: ModelConfig) -> Params:
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return Decoder(model).init(rng, tokens, jnp.zeros_like(tokens),
+                             jnp.ones_like(tokens))

@@ -1,0 +1,605 @@
+"""The stage runner: tokenizer -> long-CoT SFT warm-up -> RL -> evaluation.
+
+`run(config, workdir)` is what `python -m k15.main` calls and what notebooks
+import. Stages (`config.stages`) run in order and each keeps its own
+checkpoint directory under `workdir/ckpt/<stage>`:
+
+  sft      supervised warm-up on the verified chain-of-thought traces;
+  rl       the report's RL iterations (PAPER.md §1-3), from the SFT weights;
+  control  continues SFT from the SFT weights for as many gradient steps as
+           RL took (the "more imitation" control the RL result is judged
+           against).
+
+A rerun with the same workdir resumes: finished stages are skipped (their
+evaluation results are read back from the checkpoint), an unfinished stage
+continues from its newest checkpoint. Every random draw is derived from
+(seed, stage, step), so a resumed run draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from k15 import checkpoint as ckpt_lib
+from k15 import config_lib, curriculum, data, evaluate, objective, rollout
+from k15 import metrics as metrics_lib
+from k15 import model as model_lib
+from k15 import sampler as sampler_lib
+from k15 import sharding, train
+from k15 import tokenizer as tokenizer_lib
+from k15.tasks import arithmetic
+
+STAGES = ("sft", "rl", "control")
+_STAGE_SEED = {"sft": 11, "rl": 22, "control": 33, "eval": 44}
+
+
+# ---------------------------------------------------------------------------
+# Config -> frozen settings
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  name: str = "arithmetic"
+  min_steps: int = 2
+  max_steps: int = 5
+  ops: str = "+-*"
+  num_sft: int = 256
+  num_rl: int = 4096
+  num_eval: int = 256
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  kind: str = "sentencepiece"  # sentencepiece (trained for the task) | file
+  vocab_size: int = 64
+  path: str = ""  # kind=file: a .model or tokenizer.json
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  steps: int = 200
+  batch_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  k: int = 8  # samples per prompt
+  prompts_per_iter: int = 32
+  prompt_len: int = 32  # left-padded prompt bucket
+  budget: int = 96  # new tokens per trajectory per iteration
+  max_len: int = 128  # cache length (prompt + response)
+  gen_rows: int = 256  # rows per sampler call
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthPenaltyConfig:
+  schedule: str = "off"  # off | constant | linear
+  weight: float = 0.0
+  warmup: int = 0
+  ramp: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  iterations: int = 40
+  loss: str = "mirror_descent"
+  tau: float = 0.1
+  baseline: str = "mean"  # mean (report) | logmeanexp
+  normalize_length: bool = False
+  clip_eps: float = 0.2
+  kl_coef: float = 0.0
+  num_minibatches: int = 4
+  epochs: int = 1
+  reset_optimizer: bool = True
+  max_consecutive_skips: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Every config section as a frozen, validated dataclass."""
+
+  seed: int
+  stages: tuple[str, ...]
+  task: TaskConfig
+  tokenizer: TokenizerConfig
+  model: model_lib.ModelConfig
+  sampler: sampler_lib.SamplingConfig
+  rollout: RolloutConfig
+  rl: RLConfig
+  length_penalty: LengthPenaltyConfig
+  data: curriculum.SamplerConfig
+  sft: SFTConfig
+  optim: train.OptimConfig
+  ckpt: ckpt_lib.CheckpointConfig
+  eval: evaluate.EvalConfig
+  mesh: dict[str, int]
+
+  @property
+  def loss(self) -> objective.LossConfig:
+    return objective.LossConfig(
+        kind=self.rl.loss, tau=self.rl.tau,
+        normalize_length=self.rl.normalize_length, clip_eps=self.rl.clip_eps,
+        kl_coef=self.rl.kl_coef)
+
+  @property
+  def gen(self) -> rollout.GenConfig:
+    r = self.rollout
+    return rollout.GenConfig(rows=r.gen_rows, prompt_buckets=(r.prompt_len,),
+                             budget=r.budget, cache_len=r.max_len)
+
+
+_SECTIONS = {
+    "task": TaskConfig, "tokenizer": TokenizerConfig,
+    "model": model_lib.ModelConfig, "sampler": sampler_lib.SamplingConfig,
+    "rollout": RolloutConfig, "rl": RLConfig,
+    "length_penalty": LengthPenaltyConfig, "data": curriculum.SamplerConfig,
+    "sft": SFTConfig, "optim": train.OptimConfig,
+    "ckpt": ckpt_lib.CheckpointConfig, "eval": evaluate.EvalConfig,
+}
+
+
+def settings(config: ml_collections.ConfigDict, *, vocab_size: int | None
+             = None, num_devices: int | None = None) -> Settings:
+  """Validates the whole config before any work; errors name the field."""
+  cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  config_lib.check_keys(
+      cfg, set(_SECTIONS) | {"seed", "stages", "mesh", "name"}, "config")
+  out: dict[str, Any] = {}
+  for name, cls in _SECTIONS.items():
+    section = dict(cfg.get(name) or {})
+    if name == "model" and vocab_size is not None and not section.get(
+        "vocab_size"):
+      section["vocab_size"] = _round_up(vocab_size, 8)
+    out[name] = config_lib.to_dataclass(cls, section, name)
+  stages = tuple(cfg.get("stages", ("sft", "rl")))
+  for s in stages:
+    if s not in STAGES:
+      raise ValueError(f"config: unknown stage {s!r} in config.stages "
+                       f"(known: {STAGES})")
+  mesh = dict(cfg.get("mesh") or {})
+  s = Settings(seed=int(cfg.get("seed", 0)), stages=stages, mesh=mesh, **out)
+  _check_combinations(s, vocab_size, num_devices)
+  return s
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _check_combinations(s: Settings, vocab_size, num_devices) -> None:
+  r = s.rollout
+  if r.budget + r.prompt_len > r.max_len:
+    raise ValueError(
+        f"config: rollout.budget ({r.budget}) + rollout.prompt_len "
+        f"({r.prompt_len}) exceeds rollout.max_len ({r.max_len})")
+  if r.max_len > s.model.max_len:
+    raise ValueError(f"config: rollout.max_len ({r.max_len}) exceeds "
+                     f"model.max_len ({s.model.max_len})")
+  rows = r.k * r.prompts_per_iter
+  if rows % s.rl.num_minibatches:
+    raise ValueError(
+        f"config: rollout.k * rollout.prompts_per_iter = {rows} is not "
+        f"divisible by rl.num_minibatches ({s.rl.num_minibatches})")
+  if vocab_size is not None and s.model.vocab_size < vocab_size:
+    raise ValueError(f"config: model.vocab_size ({s.model.vocab_size}) is "
+                     f"smaller than the tokenizer's {vocab_size}")
+  if num_devices is not None:
+    shape = sharding.mesh_shape(s.mesh, num_devices)
+    div = shape["data"] * shape["fsdp"]
+    for name, n in (("rl minibatch (rollout.k * prompts_per_iter / "
+                     "rl.num_minibatches)", rows // s.rl.num_minibatches),
+                    ("rollout.gen_rows", r.gen_rows),
+                    ("sft.batch_size", s.sft.batch_size)):
+      if n % div:
+        raise ValueError(f"config: {name} = {n} is not divisible by the "
+                         f"mesh's data*fsdp = {div}")
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+class _Preempted(Exception):
+  pass
+
+
+class Run:
+  """Everything a stage needs; built once per `run` call."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    workdir = os.path.abspath(workdir)
+    parent = os.path.dirname(workdir)
+    if not os.path.isdir(parent):
+      raise FileNotFoundError(
+          f"--workdir {workdir}: parent directory {parent} does not exist")
+    os.makedirs(workdir, exist_ok=True)
+    self.workdir = workdir
+    pre = settings(config)  # validate before the tokenizer is trained
+    self.tok = self._tokenizer(pre)
+    self.s = settings(config, vocab_size=self.tok.vocab_size,
+                      num_devices=jax.device_count())
+    s = self.s
+    self.mesh = sharding.make_mesh(s.mesh)
+    self.problems = arithmetic.splits(
+        seed=s.task.seed, num_sft=s.task.num_sft, num_rl=s.task.num_rl,
+        num_eval=s.task.num_eval, min_steps=s.task.min_steps,
+        max_steps=s.task.max_steps, ops=s.task.ops)
+    self.tx = train.make_optimizer(s.optim)
+    self.writer = metrics_lib.MetricWriter(workdir)
+    self.sampling = dataclasses.replace(
+        s.sampler, stop_tokens=tuple(s.sampler.stop_tokens) or
+        (self.tok.eos_id,))
+    self.shard = lambda tree: sharding.shard_batch(tree, self.mesh)
+    self.abstract = train.sharded_abstract_state(s.model, self.tx,
+                                                 self.mesh)
+    self.preempted = False
+    self.results: dict[str, dict[str, float]] = {}
+
+  def _tokenizer(self, s: Settings) -> tokenizer_lib.Tokenizer:
+    if s.tokenizer.kind == "file":
+      return tokenizer_lib.load(s.tokenizer.path)
+    if s.tokenizer.kind != "sentencepiece":
+      raise ValueError(f"config: tokenizer.kind={s.tokenizer.kind!r}; "
+                       "expected sentencepiece | file")
+    path = os.path.join(self.workdir, "tokenizer.model")
+    if os.path.exists(path):
+      return tokenizer_lib.load(path)
+    tok = tokenizer_lib.train_sentencepiece(
+        arithmetic.tokenizer_corpus(), s.tokenizer.vocab_size)
+    if jax.process_index() == 0:
+      tok.save(path)
+    return tok
+
+  def rng(self, stage: str, step: int) -> jax.Array:
+    key = jax.random.fold_in(jax.random.key(self.s.seed), _STAGE_SEED[stage])
+    return jax.random.fold_in(key, step)
+
+  def checkpointer(self, stage: str) -> ckpt_lib.Checkpointer:
+    os.makedirs(os.path.join(self.workdir, "ckpt"), exist_ok=True)
+    return ckpt_lib.Checkpointer(
+        os.path.join(self.workdir, "ckpt", stage), self.s.ckpt)
+
+  def evaluate(self, params, stage: str) -> dict[str, float]:
+    return evaluate.evaluate(
+        params, self.problems["eval"], self.rng("eval", 0), tok=self.tok,
+        model=self.s.model, sampling=self.sampling, gen=self.s.gen,
+        cfg=self.s.eval, verify=arithmetic.verify, shard_fn=self.shard)
+
+  def sft_examples(self):
+    return [data.encode_sft(self.tok, p.question, p.trace)
+            for p in self.problems["sft"]]
+
+
+def _install_sigterm(run: Run):
+  """SIGTERM (preemption): finish the current step, checkpoint, exit 0."""
+
+  def handler(signum, frame):
+    del signum, frame
+    run.preempted = True
+
+  try:
+    signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread (e.g. a notebook worker)
+    pass
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) every configured stage; returns the summary."""
+  r = Run(config, workdir)
+  _install_sigterm(r)
+  logging.info("k15: %d params, mesh %s, stages %s",
+               r.s.model.num_params(), dict(r.mesh.shape), r.s.stages)
+  sft_state = None
+  try:
+    for stage in r.s.stages:
+      if stage == "sft":
+        sft_state = run_sft_stage(r)
+      elif stage == "rl":
+        run_rl_stage(r, sft_state)
+      elif stage == "control":
+        run_control_stage(r, sft_state)
+  except _Preempted:
+    logging.warning("k15: preempted (SIGTERM); checkpoint saved, exiting")
+    r.writer.close()
+    return {"preempted": True}
+  summary = write_summary(r)
+  r.writer.close()
+  return summary
+
+
+def _host_state(stage: str, step: int, done: bool, r: Run,
+                **extra) -> dict[str, Any]:
+  return dict(stage=stage, step=int(step), done=bool(done),
+              results=r.results, **extra)
+
+
+def _save(ck: ckpt_lib.Checkpointer, step: int, tree, host) -> None:
+  ck.save(step, tree, host)
+
+
+def _restore_or(r: Run, stage: str, ck: ckpt_lib.Checkpointer, extra_abs
+                ) -> tuple[int, Any, dict] | None:
+  """Restores {train, **extra} of `stage`, or None when it has none."""
+  out = ck.restore(dict(train=r.abstract, **extra_abs))
+  if out is None:
+    return None
+  step, tree, host = out
+  r.results.update(host.get("results", {}))
+  r.writer.truncate(stage, step + 1)
+  logging.info("k15: %s resumes from step %d", stage, step)
+  return step, tree, host
+
+
+def _check_skips(stage: str, skips: int, limit: int, ck) -> None:
+  if skips >= limit:
+    ck.wait()
+    raise FloatingPointError(
+        f"{stage}: {skips} consecutive updates had a non-finite loss or "
+        f"gradient; stopping. The last good checkpoint in {ck.directory} "
+        "is intact.")
+
+
+def _sft_loop(r: Run, stage: str, state, start: int, steps: int,
+              ck: ckpt_lib.Checkpointer, seed_offset: int, every: int):
+  s = r.s
+  ds = data.sft_dataset(
+      r.sft_examples(), batch_size=s.sft.batch_size,
+      prompt_len=s.rollout.prompt_len,
+      response_len=s.rollout.max_len - s.rollout.prompt_len,
+      pad_id=r.tok.pad_id, seed=s.seed + seed_offset)
+  bar = metrics_lib.Progress(steps, stage, initial=start)
+  skips = 0
+  t0 = time.time()
+  for step in range(start, steps):
+    batch = r.shard(data.process_slice(ds[step]))
+    state, m = train.sft_step(state, batch, model=s.model, tx=r.tx)
+    m = jax.device_get(m)
+    skips = skips + 1 if m["skipped"] else 0
+    _check_skips(stage, skips, s.rl.max_consecutive_skips, ck)
+    dt = time.time() - t0
+    t0 = time.time()
+    r.writer.write(stage, step + 1, {**m, "step_time": dt,
+                                     "tokens_per_s": m["tokens"] / dt})
+    bar.update(1, loss=float(m["loss"]))
+    last = step + 1 == steps
+    if (step + 1) % every == 0 and not last or r.preempted:
+      _save(ck, step + 1, dict(train=state), _host_state(stage, step + 1,
+                                                         False, r))
+      if r.preempted:
+        ck.close()
+        raise _Preempted
+  bar.close()
+  return state
+
+
+def run_sft_stage(r: Run):
+  """Long-CoT warm-up; returns the final state (for rl and control)."""
+  s = r.s
+  ck = r.checkpointer("sft")
+  restored = _restore_or(r, "sft", ck, {})
+  if restored is not None and restored[2].get("done"):
+    ck.close()
+    return restored[1]["train"]
+  if restored is None:
+    state = train.init_state(jax.random.key(s.seed), model=s.model, tx=r.tx,
+                             mesh=r.mesh)
+    start = 0
+  else:
+    start, state = restored[0], restored[1]["train"]
+  state = _sft_loop(r, "sft", state, start, s.sft.steps, ck, 0,
+                    every=max(s.sft.steps // 4, 1))
+  r.results["sft"] = r.evaluate(state.params, "sft")
+  r.writer.write("eval", 0, {f"sft/{k}": v for k, v in
+                             r.results["sft"].items()})
+  _save(ck, s.sft.steps, dict(train=state),
+        _host_state("sft", s.sft.steps, True, r))
+  ck.close()
+  logging.info("k15: after SFT %s", r.results["sft"])
+  return state
+
+
+def _need_sft_state(r: Run, sft_state):
+  if sft_state is not None:
+    return sft_state
+  ck = r.checkpointer("sft")
+  out = ck.restore(dict(train=r.abstract))
+  ck.close()
+  if out is None or not out[2].get("done"):
+    raise ValueError("config: this stage starts from the SFT weights, but "
+                     "the sft stage has not finished in this workdir; add "
+                     "'sft' to config.stages")
+  r.results.update(out[2].get("results", {}))
+  return out[1]["train"]
+
+
+def run_control_stage(r: Run, sft_state):
+  """More SFT on the warm-up set, for as many steps as RL takes."""
+  s = r.s
+  steps = s.rl.iterations * s.rl.num_minibatches * s.rl.epochs
+  ck = r.checkpointer("control")
+  restored = _restore_or(r, "control", ck, {})
+  if restored is not None and restored[2].get("done"):
+    ck.close()
+    return
+  if restored is None:
+    state, start = _need_sft_state(r, sft_state), 0
+  else:
+    start, state = restored[0], restored[1]["train"]
+  state = _sft_loop(r, "control", state, start, steps, ck, 1,
+                    every=max(steps // 4, 1))
+  r.results["control"] = r.evaluate(state.params, "control")
+  r.writer.write("eval", 0, {f"control/{k}": v for k, v in
+                             r.results["control"].items()})
+  _save(ck, steps, dict(train=state), _host_state("control", steps, True, r))
+  ck.close()
+
+
+def run_rl_stage(r: Run, sft_state):
+  """The report's RL iterations from the SFT weights."""
+  s = r.s
+  difficulty = np.array([p.difficulty for p in r.problems["rl"]])
+  prompt_sampler = curriculum.PromptSampler(difficulty, s.data, s.seed)
+  ck = r.checkpointer("rl")
+  sampler_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                 for k, v in prompt_sampler.state_dict().items()}
+  restored = _restore_or(r, "rl", ck, dict(sampler=sampler_abs))
+  if restored is not None and restored[2].get("done"):
+    ck.close()
+    return
+  if restored is None:
+    # a copy: updates donate their input, and control starts from SFT too
+    state = jax.tree.map(jnp.copy, _need_sft_state(r, sft_state))
+    start = 0
+  else:
+    start, tree, _ = restored
+    state = tree["train"]
+    prompt_sampler.load_state_dict(
+        {k: np.asarray(v) for k, v in tree["sampler"].items()})
+  bar = metrics_lib.Progress(s.rl.iterations, "rl", initial=start)
+  skips = 0
+  for it in range(start, s.rl.iterations):
+    state, m, skips = rl_iteration(r, state, it, prompt_sampler, skips)
+    _check_skips("rl", skips, s.rl.max_consecutive_skips, ck)
+    r.writer.write("rl", it + 1, m)
+    bar.update(1, acc=m["accuracy"], len=m["response_length"])
+    last = it + 1 == s.rl.iterations
+    if ((it + 1) % s.ckpt.every == 0 and not last) or r.preempted:
+      _save(ck, it + 1, dict(train=state,
+                             sampler=prompt_sampler.state_dict()),
+            _host_state("rl", it + 1, False, r))
+      if r.preempted:
+        ck.close()
+        raise _Preempted
+  bar.close()
+  r.results["rl"] = r.evaluate(state.params, "rl")
+  r.writer.write("eval", 0, {f"rl/{k}": v for k, v in
+                             r.results["rl"].items()})
+  _save(ck, s.rl.iterations, dict(train=state,
+                                  sampler=prompt_sampler.state_dict()),
+        _host_state("rl", s.rl.iterations, True, r))
+  ck.close()
+
+
+def rl_iteration(r: Run, state, it: int, prompt_sampler, skips: int):
+  """One iteration i: sample from pi_theta_i, score, k1.5 update.
+
+  Returns (state, metrics, consecutive skipped updates).
+  """
+  s = r.s
+  t_start = time.time()
+  rng = r.rng("rl", it)
+  P, K = s.rollout.prompts_per_iter, s.rollout.k
+  idx = prompt_sampler.sample(it, P)
+  problems = [r.problems["rl"][i] for i in idx]
+  prompts = [r.tok.encode(tokenizer_lib.format_prompt(p.question))
+             for p in problems]
+  rows = [q for q in prompts for _ in range(K)]
+  gens = rollout.generate(state.params, rows, rng, model=s.model,
+                          sampling=r.sampling, gen=s.gen, pad_id=r.tok.pad_id,
+                          shard_fn=r.shard)
+  t_gen = time.time() - t_start
+  answers = [p.answer for p in problems for _ in range(K)]
+  correct_PxK = evaluate.score_responses(r.tok, gens, answers,
+                                         arithmetic.verify).reshape(P, K)
+  lengths_PxK = np.array([len(g.response) for g in gens],
+                         np.float32).reshape(P, K)
+  lp = s.length_penalty
+  shaped_PxK = objective.shaped_rewards(
+      correct_PxK, correct_PxK, lengths_PxK, iteration=it,
+      schedule=lp.schedule, weight=lp.weight, warmup=lp.warmup, ramp=lp.ramp)
+  adv_PxK = objective.advantages(shaped_PxK, correct_PxK, lengths_PxK,
+                                 kind=s.rl.loss, baseline=s.rl.baseline,
+                                 tau=s.rl.tau)
+  P_len, N = s.rollout.prompt_len, s.rollout.budget
+  batch = rollout.to_batch(rows, [g.response for g in gens],
+                           prompt_len=P_len, response_len=N,
+                           pad_id=r.tok.pad_id)
+  batch["behaviour_logp_BxT"] = rollout.place_per_token(
+      [g.logp for g in gens], prompt_len=P_len, T=P_len + N, rows=len(rows))
+  batch["advantages_B"] = adv_PxK.reshape(-1)
+
+  # pi_theta_i's log-probs are the reference of this iteration's problem.
+  M = s.rl.num_minibatches
+  mb = len(rows) // M
+  ref = []
+  for j in range(M):
+    sl = slice(j * mb, (j + 1) * mb)
+    ref.append(train.score(state.params, r.shard(batch["tokens_BxT"][sl]),
+                           r.shard(batch["seg_BxT"][sl]), model=s.model))
+  batch["ref_logp_BxT"] = np.concatenate(jax.device_get(ref))
+
+  if s.rl.reset_optimizer:
+    state = train.reset_optimizer(state, tx=r.tx)
+  t_upd = time.time()
+  order_rng = np.random.default_rng([s.seed, it, 7])
+  step_metrics = []
+  for _ in range(s.rl.epochs):
+    perm = order_rng.permutation(len(rows))
+    for j in range(M):
+      sel = perm[j * mb:(j + 1) * mb]
+      mbatch = r.shard({k: v[sel] for k, v in batch.items()})
+      state, m = train.update_step(state, mbatch, model=s.model, tx=r.tx,
+                                   loss_cfg=s.loss)
+      step_metrics.append(m)
+  step_metrics = jax.device_get(step_metrics)
+  for m in step_metrics:
+    skips = skips + 1 if m["skipped"] else 0
+  t_end = time.time()
+  prompt_sampler.update(idx, correct_PxK)
+
+  gen_tokens = float(lengths_PxK.sum())
+  status = np.array([g.status for g in gens])
+  out = {k: float(np.mean([m[k] for m in step_metrics]))
+         for k in step_metrics[0]}
+  out.update(
+      reward=float(shaped_PxK.mean()), accuracy=float(correct_PxK.mean()),
+      response_length=float(lengths_PxK.mean()),
+      response_length_p95=float(np.percentile(lengths_PxK, 95)),
+      length_penalty_weight=objective.length_penalty_weight(
+          it, schedule=lp.schedule, weight=lp.weight, warmup=lp.warmup,
+          ramp=lp.ramp),
+      frac_stopped=float(np.mean(status == sampler_lib.STOPPED)),
+      frac_cut=float(np.mean((status == sampler_lib.BUDGET)
+                             | (status == sampler_lib.MAX_LEN))),
+      frac_repeat=float(np.mean(status == sampler_lib.REPEAT)),
+      frac_zero_adv_groups=float(np.mean(np.all(adv_PxK == 0, axis=1))),
+      gen_tokens_per_s=gen_tokens / max(t_gen, 1e-9),
+      gen_time=t_gen, update_time=t_end - t_upd, step_time=t_end - t_start,
+      **{f"sampler/{k}": v for k, v in prompt_sampler.metrics().items()})
+  return state, out, skips
+
+
+def write_summary(r: Run) -> dict[str, Any]:
+  res = r.results
+  summary: dict[str, Any] = {"results": res}
+  if "sft" in res and "rl" in res:
+    summary["rl_minus_sft_pass1"] = res["rl"]["pass1"] - res["sft"]["pass1"]
+  if "control" in res and "rl" in res:
+    summary["rl_minus_control_pass1"] = (res["rl"]["pass1"]
+                                         - res["control"]["pass1"])
+  if jax.process_index() == 0:
+    cols = ("pass1", "greedy_acc", "mean_length", "finished")
+    table = metrics_lib.summary_table(
+        {k: {c: v[c] for c in cols if c in v} for k, v in res.items()})
+    deltas = "  ".join(f"{k}={v:+.3f}" for k, v in summary.items()
+                       if k != "results")
+    print(f"\n{table}\n{deltas}\n", flush=True)
+    path = os.path.join(r.workdir, "summary.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+  return summary

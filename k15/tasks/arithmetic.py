@@ -1,0 +1,109 @@
+"""Arithmetic chains mod 10: a synthetic reasoning task with an exact verifier.
+
+A problem is a start digit and a chain of `+d` / `-d` / `*d` steps, all mod
+10; its difficulty is the number of steps. The chain of thought writes one
+partial result per step, then the answer:
+
+  Q: 7+5*3-8
+  A: 7+5=2, 2*3=6, 6-8=8. answer: 8
+
+Warm-up traces are the exact step-by-step solutions; RL sees only prompts and
+answers; the evaluation problems are disjoint from both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+ANSWER_RE = re.compile(r"answer:\s*(-?\d+)")
+OPS = "+-*"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  question: str
+  answer: str
+  difficulty: int
+  trace: str  # the gold chain of thought + answer (used for warm-up only)
+
+  def to_item(self) -> dict:
+    return dict(question=self.question, answer=self.answer,
+                difficulty=self.difficulty, kind="exact")
+
+
+def _apply(a: int, op: str, d: int) -> int:
+  return {"+": a + d, "-": a - d, "*": a * d}[op] % 10
+
+
+def make_problem(rng: np.random.Generator, steps: int, ops: str = OPS
+                 ) -> Problem:
+  a = int(rng.integers(0, 10))
+  question, parts, cur = str(a), [], a
+  for _ in range(steps):
+    op = ops[int(rng.integers(0, len(ops)))]
+    d = int(rng.integers(1, 10))
+    nxt = _apply(cur, op, d)
+    question += f"{op}{d}"
+    parts.append(f"{cur}{op}{d}={nxt}")
+    cur = nxt
+  trace = " " + ", ".join(parts) + f". answer: {cur}"
+  return Problem(question, str(cur), steps, trace)
+
+
+def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
+             exclude: set[str] | frozenset[str] = frozenset(),
+             ops: str = OPS) -> list[Problem]:
+  """n distinct problems, difficulty uniform in [min_steps, max_steps]."""
+  rng = np.random.default_rng(seed)
+  out, seen = [], set(exclude)
+  tries = 0
+  while len(out) < n:
+    tries += 1
+    if tries > 50 * n + 1000:
+      raise ValueError(
+          f"arithmetic: cannot draw {n} distinct problems with steps in "
+          f"[{min_steps}, {max_steps}]")
+    p = make_problem(rng, int(rng.integers(min_steps, max_steps + 1)), ops)
+    if p.question not in seen:
+      seen.add(p.question)
+      out.append(p)
+  return out
+
+
+def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
+           min_steps: int, max_steps: int, ops: str = OPS
+           ) -> dict[str, list[Problem]]:
+  """Disjoint warm-up / RL / evaluation sets (by question text)."""
+  ev = generate(num_eval, seed=seed + 2, min_steps=min_steps,
+                max_steps=max_steps, ops=ops)
+  used = {p.question for p in ev}
+  sft = generate(num_sft, seed=seed, min_steps=min_steps, max_steps=max_steps,
+                 exclude=used, ops=ops)
+  used |= {p.question for p in sft}
+  rl = generate(num_rl, seed=seed + 1, min_steps=min_steps,
+                max_steps=max_steps, exclude=used, ops=ops)
+  return dict(sft=sft, rl=rl, eval=ev)
+
+
+def extract_answer(response: str) -> str | None:
+  """The answer after the last `answer:`; None if there is none, or if the
+  response states several different answers (a guessing hack)."""
+  found = ANSWER_RE.findall(response)
+  if not found or len(set(found)) > 1:
+    return None
+  return found[-1]
+
+
+def verify(response: str, answer: str) -> bool:
+  return extract_answer(response) == answer
+
+
+def tokenizer_corpus(seed: int = 1234, n: int = 2000) -> list[str]:
+  """Text the task's sentencepiece model is trained on (deterministic)."""
+  from k15 import tokenizer  # noqa: PLC0415
+
+  probs = generate(n, seed=seed, min_steps=1, max_steps=8)
+  return [tokenizer.format_prompt(p.question) + p.trace for p in probs]
