@@ -1,0 +1,630 @@
+"""Isolated execution of untrusted Python programs against tests.
+
+Layers, outermost first (each one alone should contain a hostile program):
+
+1. `prlimit`: address space, CPU seconds, processes, file size, open files.
+2. `setpriv`: when we are root, drop to a fresh unprivileged uid/gid (random
+   per run, so concurrent runs never share an RLIMIT_NPROC count or signal
+   each other) with no supplementary groups.
+3. `bwrap`: new user, mount, pid, net, ipc, uts and cgroup namespaces; a root
+   that holds only read-only /usr (plus the host's /bin, /lib, /lib64
+   symlinks), a fresh /proc of the sandbox's own pid namespace, a minimal
+   /dev and a small tmpfs /tmp; cleared environment, new session, killed with
+   its parent, no further user namespaces; then `--remount-ro /`.
+4. seccomp (built here with `pyseccomp`, loaded by bwrap from a memfd): no
+   sockets but AF_UNIX, no fork/vfork/clone of processes (threads are fine),
+   no ptrace, mount, unshare, setns, bpf, keyctl, io_uring, ... The harness
+   adds a second filter forbidding execve before the program runs.
+5. A wall-clock deadline that SIGKILLs the whole process group, and capped
+   stdout/stderr (a run that prints more than the cap is killed).
+
+Requirements (all Debian packages): `bubblewrap` (bwrap), `util-linux`
+(setpriv, prlimit), `libseccomp2`, and the system `python3` under /usr; PyPI
+`pyseccomp`. Running as root needs nothing else: bwrap is then started by an
+unprivileged uid and creates its user namespace itself, so the kernel must
+allow unprivileged user namespaces (`user.max_user_namespaces` > 0; on Ubuntu
+also `kernel.apparmor_restrict_unprivileged_userns=0`). When bwrap is missing
+or cannot create its namespaces, every call raises `SandboxUnavailable`;
+there is no unsandboxed fallback.
+
+The sandbox is spawned with plain `subprocess` (no `preexec_fn`), so it is
+safe to call from threads of a process that has JAX loaded.
+"""
+
+import concurrent.futures
+import dataclasses
+import errno
+import functools
+import json
+import math
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+HARNESS = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), "_harness.py"
+)
+
+CAUSES = (
+  "ok",  # every test passed (or, without expectations, ran)
+  "wrong_answer",  # a test failed: assertion or output mismatch
+  "error",  # exception, syntax error, forbidden operation
+  "timeout",  # wall clock, CPU seconds or per-test time limit
+  "memory",  # MemoryError under the address-space limit
+  "output_limit",  # printed more than the cap; killed
+  "early_exit",  # exited (0 or not) before all tests reported
+  "killed",  # died by a signal without reporting
+  "sandbox_error",  # the sandbox itself failed to start
+)
+
+
+class SandboxUnavailable(RuntimeError):
+  """bwrap (or another isolation layer) is missing or unusable here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """Resource limits of one execution (all tests of one program)."""
+
+  timeout_s: float = 10.0  # wall clock, whole run
+  test_timeout_s: float = 0.0  # per test, 0: none (SIGALRM in the harness)
+  cpu_s: int = 0  # RLIMIT_CPU; 0: ceil(timeout_s)
+  memory_mb: int = 512  # RLIMIT_AS
+  nproc: int = 64  # RLIMIT_NPROC (threads count; fork is blocked anyway)
+  fsize_mb: int = 16  # RLIMIT_FSIZE
+  nofile: int = 64  # RLIMIT_NOFILE
+  tmpfs_mb: int = 64  # size of the sandbox's /tmp
+  output_bytes: int = 1 << 20  # cap on stdout + stderr; more is killed
+  result_bytes: int = 64 << 20  # cap on the result channel
+
+
+@dataclasses.dataclass(frozen=True)
+class TestResult:
+  """One test. status: pass | fail | error | timeout | memory | not_run, or
+  `ran` when no expected output was given (`output` then holds it)."""
+
+  status: str
+  detail: str = ""
+  output: Any = None  # call mode: the returned value (JSON); stdio: stdout
+
+  @property
+  def passed(self) -> bool:
+    return self.status == "pass"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+  """Outcome of one sandboxed run; `cause` is one of `CAUSES`."""
+
+  cause: str
+  tests: tuple[TestResult, ...]
+  stdout: str
+  stderr: str
+  returncode: int | None
+  wall_s: float
+  detail: str = ""
+
+  @property
+  def passed(self) -> bool:
+    return self.cause == "ok"
+
+  @property
+  def num_passed(self) -> int:
+    return sum(t.passed for t in self.tests)
+
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """A program and its tests.
+
+  mode "assert": tests are code strings run after the program in its
+    namespace (HumanEval style); pass = no exception.
+  mode "call": tests are argument lists for `entry_point`; the returned
+    value is compared outside the sandbox with `expected[i]`.
+  mode "stdio": tests are stdin strings; the program runs once per test as
+    `__main__` and its stdout is compared (token-wise) with `expected[i]`.
+  mode "none": just run the program's top level.
+  `expected` is None (or shorter than tests) to only collect outputs.
+  """
+
+  program: str
+  mode: str = "none"
+  tests: tuple = ()
+  entry_point: str = ""
+  expected: tuple | None = None
+
+
+@functools.cache
+def _tools() -> dict[str, str]:
+  tools = {}
+  for name in ("bwrap", "prlimit", "setpriv"):
+    path = shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if path is None and name == "setpriv" and os.geteuid() != 0:
+      continue  # already unprivileged; setpriv is only used by root
+    if path is None:
+      pkg = "bubblewrap" if name == "bwrap" else "util-linux"
+      raise SandboxUnavailable(
+        f"`{name}` not found (apt-get install {pkg}); refusing to run "
+        "untrusted code without a sandbox"
+      )
+    tools[name] = path
+  return tools
+
+
+_BLOCKED_SYSCALLS = (
+    "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module",
+    "delete_module", "bpf", "perf_event_open", "keyctl", "add_key",
+    "request_key", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "reboot", "swapon", "swapoff", "acct", "quotactl",
+    "syslog", "fanotify_init", "open_by_handle_at", "name_to_handle_at",
+    "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
+    "mount_setattr", "iopl", "ioperm", "settimeofday", "clock_settime",
+    "clock_adjtime", "adjtimex", "sethostname", "setdomainname", "kcmp",
+    "vhangup", "pidfd_getfd", "personality", "lookup_dcookie",
+)  # fmt: skip
+
+
+@functools.cache
+def _seccomp_filters() -> tuple[bytes, bytes]:
+  """(base filter loaded by bwrap, execve filter loaded by the harness)."""
+  try:
+    import pyseccomp as sc  # host-only dependency; needs libseccomp2
+  except (ImportError, OSError) as e:
+    raise SandboxUnavailable(
+      f"pyseccomp/libseccomp unusable ({e}); pip install pyseccomp, "
+      "apt-get install libseccomp2"
+    ) from e
+
+  eperm = sc.ERRNO(errno.EPERM)
+  base = sc.SyscallFilter(sc.ALLOW)
+  for name in _BLOCKED_SYSCALLS:
+    base.add_rule(eperm, name)
+  # Processes only as threads: clone must carry CLONE_THREAD. clone3 passes
+  # its flags in memory seccomp cannot read; ENOSYS makes glibc fall back to
+  # clone.
+  clone_thread = 0x00010000
+  base.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, clone_thread, 0))
+  base.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+  af_unix = 1
+  base.add_rule(eperm, "socket", sc.Arg(0, sc.NE, af_unix))
+  tiocsti = 0x5412
+  base.add_rule(eperm, "ioctl", sc.Arg(1, sc.EQ, tiocsti))
+  no_exec = sc.SyscallFilter(sc.ALLOW)
+  no_exec.add_rule(eperm, "execve")
+  no_exec.add_rule(eperm, "execveat")
+  return _export(base), _export(no_exec)
+
+
+def _export(filt) -> bytes:
+  fd = os.memfd_create("bpf")
+  try:
+    with open(fd, "wb+", closefd=False) as f:
+      filt.export_bpf(f)
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+      chunks.append(chunk)
+    return b"".join(chunks)
+  finally:
+    os.close(fd)
+
+
+def _memfd(name: str, data: bytes) -> int:
+  fd = os.memfd_create(name)
+  view = memoryview(data)
+  while view:
+    view = view[os.write(fd, view) :]
+  os.lseek(fd, 0, os.SEEK_SET)
+  return fd
+
+
+def _root_binds() -> list[str]:
+  """Read-only /usr plus the host's /bin, /lib*, /sbin as they are."""
+  args = ["--ro-bind", "/usr", "/usr"]
+  for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+    path = "/" + name
+    if os.path.islink(path):
+      args += ["--symlink", os.readlink(path), path]
+    elif os.path.isdir(path):
+      args += ["--ro-bind", path, path]
+  return args
+
+
+@dataclasses.dataclass(frozen=True)
+class Sandbox:
+  """Runs `Job`s; thread-safe, every run is a fresh sandbox.
+
+  python: the interpreter inside the sandbox; it must live under /usr (the
+  only host tree bound in), so the system python, not a venv or pyenv one.
+  """
+
+  python: str = "/usr/bin/python3"
+  limits: Limits = Limits()
+
+  def command(self, limits: Limits, seccomp_fd: int, fds: Sequence[int]):
+    tools = _tools()
+    cpu = limits.cpu_s or math.ceil(limits.timeout_s)
+    mb = 1 << 20
+    cmd = [
+      tools["prlimit"],
+      f"--as={limits.memory_mb * mb}",
+      f"--cpu={cpu}:{cpu + 1}",
+      f"--nproc={limits.nproc}",
+      f"--fsize={limits.fsize_mb * mb}",
+      f"--nofile={limits.nofile}",
+      "--core=0",
+    ]
+    if os.geteuid() == 0:
+      uid = 1_000_000 + secrets.randbelow(1 << 30)
+      cmd += [tools["setpriv"], f"--reuid={uid}", f"--regid={uid}"]
+      cmd += ["--clear-groups", "--no-new-privs"]
+    cmd += [
+        tools["bwrap"],
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--setenv", "PATH", "/usr/bin:/bin",
+        "--setenv", "HOME", "/tmp",
+        "--setenv", "LANG", "C.UTF-8",
+        "--setenv", "PYTHONIOENCODING", "utf-8",
+        "--hostname", "sandbox",
+        *_root_binds(),
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--remount-ro", "/dev",
+        "--size", str(limits.tmpfs_mb * mb), "--tmpfs", "/tmp",
+        "--ro-bind", HARNESS, "/harness.py",
+        "--chdir", "/tmp",
+        "--seccomp", str(seccomp_fd),
+        "--remount-ro", "/",
+        "--",
+        self.python, "-I", "-S", "-B", "/harness.py",
+        *(str(fd) for fd in fds),
+    ]  # fmt: skip
+    return cmd
+
+  def run(self, job: Job, limits: Limits | None = None) -> ExecResult:
+    """Runs one job to completion (or to its limits); never raises for
+    anything the program does."""
+    limits = limits or self.limits
+    base_bpf, exec_bpf = _seccomp_filters()
+    payload = json.dumps(
+      dict(
+        program=job.program,
+        mode=job.mode,
+        tests=[_encode_test(job.mode, t) for t in job.tests],
+        entry_point=job.entry_point,
+        bpf=exec_bpf.hex(),
+        test_timeout_s=limits.test_timeout_s,
+      )
+    ).encode()
+    job_fd = _memfd("job", payload)
+    seccomp_fd = _memfd("seccomp", base_bpf)
+    res_r, res_w = os.pipe()
+    nonce_r, nonce_w = os.pipe()
+    child_fds = (job_fd, res_w, nonce_r)
+    start = time.monotonic()
+    try:
+      proc = subprocess.Popen(
+        self.command(limits, seccomp_fd, child_fds),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(*child_fds, seccomp_fd),
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        start_new_session=True,
+      )
+    finally:
+      for fd in (job_fd, seccomp_fd, res_w, nonce_r):
+        os.close(fd)
+    nonce = secrets.token_hex(16)
+    try:
+      io_out = _communicate(proc, res_r, nonce_w, nonce, limits, start)
+    finally:
+      os.close(res_r)
+      if nonce_w is not None:
+        try:
+          os.close(nonce_w)
+        except OSError:
+          pass
+    wall = time.monotonic() - start
+    return _judge(job, nonce, io_out, proc.returncode, wall, limits)
+
+  def run_many(
+    self,
+    jobs: Iterable[Job],
+    limits: Limits | None = None,
+    workers: int | None = None,
+  ) -> list[ExecResult]:
+    """Runs jobs in parallel (threads waiting on sandboxed processes)."""
+    jobs = list(jobs)
+    if not jobs:
+      return []
+    if workers is None:
+      workers = default_workers()
+    if workers <= 1 or len(jobs) == 1:
+      return [self.run(j, limits) for j in jobs]
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(jobs))) as ex:
+      return list(ex.map(lambda j: self.run(j, limits), jobs))
+
+
+def default_workers() -> int:
+  """Sandboxes in flight: about 3 per core keeps the cores busy while each
+  run waits on process start-up and pipes (see `python -m k15.bench
+  sandbox`)."""
+  return 3 * (os.cpu_count() or 1)
+
+
+def _encode_test(mode: str, test) -> Any:
+  if mode == "call":
+    return json.dumps(list(test))
+  return str(test)
+
+
+@dataclasses.dataclass
+class _IO:
+  stdout: bytes = b""
+  stderr: bytes = b""
+  records: list = dataclasses.field(default_factory=list)
+  killed_for: str = ""
+
+
+def _communicate(proc, res_r, nonce_w, nonce, limits, start) -> _IO:
+  """Pumps stdout/stderr/results until exit or a limit; sends the nonce on
+  "ready"."""
+  out = _IO()
+  bufs = {"stdout": bytearray(), "stderr": bytearray(), "res": bytearray()}
+  sel = selectors.DefaultSelector()
+  sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+  sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+  sel.register(res_r, selectors.EVENT_READ, "res")
+  deadline = start + limits.timeout_s
+  printed = 0
+  sent_nonce = False
+  try:
+    while sel.get_map():
+      left = deadline - time.monotonic()
+      if left <= 0:
+        out.killed_for = "timeout"
+        break
+      for key, _ in sel.select(left):
+        fd = key.fd if isinstance(key.fileobj, int) else key.fileobj.fileno()
+        data = os.read(fd, 1 << 16)
+        if not data:
+          sel.unregister(key.fileobj)
+          continue
+        name = key.data
+        if name == "res":
+          bufs["res"] += data
+          if len(bufs["res"]) > limits.result_bytes:
+            out.killed_for = "output_limit"
+            break
+          if not sent_nonce and b"\n" in bufs["res"]:
+            first = bytes(bufs["res"]).split(b"\n", 1)[0]
+            if first == b"ready":
+              sent_nonce = True
+              try:
+                os.write(nonce_w, (nonce + "\n").encode())
+              except OSError:
+                pass
+        else:
+          printed += len(data)
+          room = limits.output_bytes - len(bufs[name])
+          if room > 0:
+            bufs[name] += data[:room]
+          if printed > limits.output_bytes:
+            out.killed_for = "output_limit"
+            break
+      if out.killed_for:
+        break
+  finally:
+    sel.close()
+    if out.killed_for or proc.poll() is None:
+      _kill(proc)
+    try:
+      proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      out.killed_for = out.killed_for or "timeout"
+      _kill(proc)
+      proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+  out.stdout = bytes(bufs["stdout"])
+  out.stderr = bytes(bufs["stderr"])
+  out.records = bytes(bufs["res"]).decode("utf-8", "replace").split("\n")
+  return out
+
+
+def _kill(proc) -> None:
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+
+
+def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
+  """Turns the records of one run into per-test results and a cause."""
+  top_error = None
+  ready = False
+  done = False
+  results: dict[int, dict] = {}
+  tag = nonce + " "
+  for line in io_out.records:
+    if not ready:
+      if line == "ready":
+        ready = True
+      elif line.startswith("error ") and top_error is None:
+        top_error = _loads(line[6:]) or {"kind": "error", "detail": line}
+      continue
+    if not line.startswith(tag):
+      continue  # untagged after ready: printed by the program, ignored
+    body = line[len(tag) :]
+    if body == "done":
+      done = True
+    elif body.startswith("test "):
+      idx, _, rec = body[5:].partition(" ")
+      if idx.isdigit() and int(idx) < len(job.tests):
+        results.setdefault(int(idx), _loads(rec) or {"status": "error"})
+  tests = []
+  for i in range(len(job.tests)):
+    rec = results.get(i)
+    if rec is None:
+      tests.append(TestResult("not_run"))
+      continue
+    tests.append(_test_result(job, i, rec))
+  tests = tuple(tests)
+  stdout = io_out.stdout.decode("utf-8", "replace")
+  stderr = io_out.stderr.decode("utf-8", "replace")
+
+  detail = ""
+  if io_out.killed_for:
+    cause = io_out.killed_for
+    if cause == "timeout":
+      detail = f"killed after the {limits.timeout_s}s wall-clock limit"
+    else:
+      detail = f"killed after more than {limits.output_bytes} bytes of output"
+  elif top_error is not None:
+    kind = top_error.get("kind", "error")
+    cause = {"exit": "early_exit"}.get(kind, kind)
+    if cause not in CAUSES:
+      cause = "error"
+    detail = str(top_error.get("detail", ""))
+  elif not ready and returncode not in (0, None) and _bwrap_failed(stderr):
+    cause, detail = "sandbox_error", stderr[-2000:]
+  elif not done or len(results) < len(job.tests):
+    cause = _cause_of_death(returncode)
+    detail = f"no complete report (returncode {returncode})"
+  else:
+    cause = "ok"
+    for t in tests:
+      if t.status in ("pass", "ran"):
+        continue
+      cause = {"fail": "wrong_answer"}.get(t.status, t.status)
+      detail = t.detail
+      break
+  if cause == "ok" and returncode not in (0, None):
+    cause, detail = _cause_of_death(returncode), f"returncode {returncode}"
+  return ExecResult(cause, tests, stdout, stderr, returncode, wall, detail)
+
+
+def _bwrap_failed(stderr: str) -> bool:
+  return stderr.startswith("bwrap:") or "prlimit:" in stderr[:200]
+
+
+def _cause_of_death(returncode) -> str:
+  """bwrap exits 128+N when the program dies by signal N (or -N itself)."""
+  if returncode is None:
+    return "killed"
+  sig = -returncode if returncode < 0 else returncode - 128
+  if sig in (signal.SIGXCPU, signal.SIGKILL) and returncode != 0:
+    # SIGKILL also comes from the CPU hard limit; both mean time ran out
+    # unless someone else killed it (then `killed` is the honest answer).
+    return "timeout" if sig == signal.SIGXCPU else "killed"
+  if returncode == 0 or 0 < returncode < 128:
+    return "early_exit"
+  return "killed"
+
+
+def _loads(text: str):
+  try:
+    obj = json.loads(text)
+  except ValueError:
+    return None
+  return obj if isinstance(obj, dict) else None
+
+
+def _test_result(job: Job, i: int, rec: dict) -> TestResult:
+  status = str(rec.get("status", "error"))
+  detail = str(rec.get("detail", ""))
+  if status != "ok":
+    return TestResult(status if status in _STATUSES else "error", detail)
+  if job.mode == "assert" or job.mode == "none":
+    return TestResult("pass")
+  output = rec.get("output")
+  expected = _MISSING
+  if job.expected is not None and i < len(job.expected):
+    expected = job.expected[i]
+  if expected is _MISSING or expected is None:
+    return TestResult("ran", output=output)
+  if job.mode == "stdio":
+    same = _same_stdout(output, expected)
+  else:
+    same = outputs_equal(output, normalize(expected))
+  if same:
+    return TestResult("pass", output=output)
+  return TestResult("fail", f"got {str(output)[:200]!r}", output)
+
+
+_STATUSES = ("pass", "fail", "error", "timeout", "memory", "not_run", "ran")
+
+
+def normalize(value: Any) -> Any:
+  """The JSON form a value takes on its way out of the sandbox."""
+  from k15.rewards import _harness
+
+  return json.loads(json.dumps(value, default=_harness._json_default))
+
+
+def outputs_equal(a: Any, b: Any, tol: float = 1e-9) -> bool:
+  """Structural equality of JSON values; floats within `tol`."""
+  if isinstance(a, bool) or isinstance(b, bool):
+    return type(a) is type(b) and a == b
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+    if isinstance(a, int) and isinstance(b, int):
+      return a == b
+    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(map(outputs_equal, a, b))
+  if isinstance(a, dict) and isinstance(b, dict):
+    return a.keys() == b.keys() and all(outputs_equal(a[k], b[k]) for k in a)
+  return type(a) is type(b) and a == b
+
+
+def _same_stdout(got: Any, expected: Any) -> bool:
+  """Token-wise comparison, as judges do (whitespace is not significant)."""
+  return isinstance(got, str) and got.split() == str(expected).split()
+
+
+@functools.cache
+def _probe() -> str:
+  """'' when sandboxing works here, else why not (cached per process)."""
+  try:
+    _tools()
+    import pyseccomp  # noqa: F401
+  except (SandboxUnavailable, ImportError, OSError) as e:
+    return str(e)
+  res = Sandbox(limits=Limits(timeout_s=20)).run(Job("print('ok')"))
+  if res.cause != "ok" or res.stdout.strip() != "ok":
+    return f"sandbox self-test failed ({res.cause}): {res.stderr[-500:]}"
+  return ""
+
+
+_probe_lock = threading.Lock()
+
+
+def unavailable_reason() -> str:
+  """'' when the sandbox works on this machine, else a reason to skip."""
+  with _probe_lock:
+    return _probe()
+
+
+def check_available() -> None:
+  """Raises `SandboxUnavailable` unless sandboxed execution works here."""
+  reason = unavailable_reason()
+  if reason:
+    raise SandboxUnavailable(reason)

@@ -1,0 +1,353 @@
+"""Hostile programs against the code sandbox: each must be contained, for the
+right reason, without side effects on the host.
+
+Skipped (with the reason) where bwrap or user namespaces are unavailable;
+CI installs `bubblewrap`.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from k15.rewards import sandbox
+
+REASON = sandbox.unavailable_reason()
+pytestmark = pytest.mark.skipif(bool(REASON), reason=f"no sandbox: {REASON}")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = sandbox.Limits(timeout_s=5.0)
+SHORT = sandbox.Limits(timeout_s=1.0)
+
+
+def run(program, mode="none", tests=(), limits=FAST, **kw):
+  job = sandbox.Job(program, mode, tuple(tests), **kw)
+  return sandbox.Sandbox().run(job, limits)
+
+
+def assert_no_leak(res, secret):
+  assert secret not in res.stdout and secret not in res.stderr
+  assert all(secret not in str(t.output) for t in res.tests)
+
+
+# -- the harness works ------------------------------------------------------
+
+
+def test_assert_mode_pass_and_fail():
+  prog = "def add(a, b):\n  return a + b\n"
+  res = run(prog, "assert", ["assert add(1, 2) == 3", "assert add(2, 2) == 5"])
+  assert [t.status for t in res.tests] == ["pass", "fail"]
+  assert res.cause == "wrong_answer"
+  res = run(prog, "assert", ["assert add(1, 2) == 3"])
+  assert res.cause == "ok" and res.passed
+
+
+def test_call_mode_compares_outside():
+  prog = "def f(xs):\n  return sorted(xs), {'n': len(xs)}, 0.1 + 0.2\n"
+  job = sandbox.Job(
+    prog,
+    "call",
+    ([[3, 1, 2]], [[]]),
+    entry_point="f",
+    expected=(([1, 2, 3], {"n": 3}, 0.3), ([], {"n": 1}, 0.3)),
+  )
+  res = sandbox.Sandbox().run(job, FAST)
+  assert [t.status for t in res.tests] == ["pass", "fail"]
+  assert res.cause == "wrong_answer"
+  collect = sandbox.Job(prog, "call", ([[2, 1]],), entry_point="f")
+  res = sandbox.Sandbox().run(collect, FAST)
+  assert res.cause == "ok" and res.tests[0].status == "ran"
+  assert res.tests[0].output == [[1, 2], {"n": 2}, pytest.approx(0.3)]
+
+
+def test_stdio_mode_is_token_wise_and_allows_exit():
+  prog = "import sys\nn = int(input())\nprint(n * 2, '')\nsys.exit(0)\n"
+  job = sandbox.Job(prog, "stdio", ("3\n", "5\n"), expected=("6", "11\n"))
+  res = sandbox.Sandbox().run(job, FAST)
+  assert [t.status for t in res.tests] == ["pass", "fail"]
+
+
+def test_errors_and_syntax_errors():
+  assert run("def f(:\n  pass").cause == "error"
+  res = run("def f():\n  return 1 / 0", "assert", ["f()"])
+  assert res.cause == "error" and "ZeroDivisionError" in res.tests[0].detail
+
+
+def test_per_test_timeout_keeps_other_results():
+  prog = "def f(x):\n  while x: pass\n  return x\n"
+  limits = sandbox.Limits(timeout_s=5.0, test_timeout_s=0.3)
+  job = sandbox.Job(prog, "call", ([0], [1], [0]), entry_point="f")
+  res = sandbox.Sandbox().run(job, limits)
+  assert [t.status for t in res.tests] == ["ran", "timeout", "ran"]
+  assert res.cause == "timeout"
+
+
+def test_run_many_is_ordered():
+  jobs = [sandbox.Job(f"print({i})") for i in range(12)]
+  res = sandbox.Sandbox().run_many(jobs, FAST, workers=4)
+  assert [r.stdout.strip() for r in res] == [str(i) for i in range(12)]
+
+
+def test_missing_bwrap_refuses(monkeypatch):
+  sandbox._tools.cache_clear()
+  monkeypatch.setattr(sandbox.shutil, "which", lambda *a, **k: None)
+  try:
+    with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
+      run("print(1)")
+  finally:
+    sandbox._tools.cache_clear()
+
+
+# -- hostile programs ---------------------------------------------------------
+
+
+def test_tcp_connect_to_loopback_listener():
+  srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  srv.bind(("127.0.0.1", 0))
+  srv.listen(1)
+  srv.settimeout(0.2)
+  port = srv.getsockname()[1]
+  try:
+    prog = (
+      "import socket\n"
+      f"s = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+      "s.sendall(b'pwned')\n"
+    )
+    res = run(prog)
+    assert res.cause == "error" and "PermissionError" in res.detail
+    with pytest.raises(TimeoutError):
+      srv.accept()
+  finally:
+    srv.close()
+
+
+def test_no_network_even_without_seccomp_socket_rule():
+  # AF_UNIX sockets are allowed by seccomp; the net namespace is empty.
+  res = run("print(open('/proc/net/dev').read())")
+  assert res.cause == "ok"
+  ifaces = [line.split(":")[0].strip() for line in res.stdout.splitlines()[2:]]
+  assert [i for i in ifaces if i] == ["lo"]
+
+
+def test_read_etc_shadow():
+  res = run("print(open('/etc/shadow').read())")
+  assert res.cause == "error" and "FileNotFoundError" in res.detail
+  assert "root:" not in res.stdout
+
+
+def test_read_repo_and_host_tmp_files():
+  with tempfile.NamedTemporaryFile("w", dir="/tmp", delete=False) as f:
+    f.write("k15-planted-secret")
+  os.chmod(f.name, 0o644)
+  try:
+    for path in (f.name, os.path.join(REPO, "tests", "test_sandbox.py")):
+      res = run(f"print(open({path!r}).read())")
+      assert res.cause == "error" and "FileNotFoundError" in res.detail
+      assert_no_leak(res, "k15-planted-secret")
+    res = run("import os\nprint(os.listdir('/tmp'), os.listdir('/'))")
+    assert res.cause == "ok"
+    assert os.path.basename(f.name) not in res.stdout
+    assert "work" not in res.stdout and "etc" not in res.stdout
+  finally:
+    os.unlink(f.name)
+
+
+def test_write_outside_tmp():
+  target = os.path.join(REPO, "k15_sandbox_pwned.txt")
+  for path in ("/pwned", "/usr/pwned", "/dev/pwned", target):
+    res = run(f"open({path!r}, 'w').write('x')")
+    assert res.cause == "error", path
+    assert ("Read-only" in res.detail) or ("No such file" in res.detail)
+  assert not os.path.exists(target)
+  assert run("open('/tmp/ok', 'w').write('x')").cause == "ok"
+
+
+def test_tmp_is_small():
+  prog = "for i in range(100):\n  open(f'/tmp/{i}', 'w').write('x' * (8 << 20))"
+  res = run(prog)
+  assert res.cause == "error" and "No space left" in res.detail
+
+
+def test_fork_bomb():
+  res = run("import os\nwhile True:\n  os.fork()\n")
+  assert res.cause == "error" and "PermissionError" in res.detail
+
+
+def test_memory_bomb():
+  res = run("x = []\nwhile True:\n  x.append(bytearray(50 << 20))\n")
+  assert res.cause == "memory"
+
+
+def test_infinite_loop():
+  t0 = time.monotonic()
+  res = run("while True:\n  pass\n", limits=SHORT)
+  assert res.cause == "timeout"
+  assert time.monotonic() - t0 < 3
+
+
+def test_cpu_limit_without_wall_clock():
+  # Threads burning CPU hit RLIMIT_CPU before the (generous) wall clock.
+  limits = sandbox.Limits(timeout_s=20.0, cpu_s=1)
+  t0 = time.monotonic()
+  res = run("while True:\n  pass\n", limits=limits)
+  assert res.cause == "timeout"
+  assert time.monotonic() - t0 < 5
+
+
+def test_huge_stdout():
+  res = run("while True:\n  print('x' * 4096)\n")
+  assert res.cause == "output_limit"
+  assert len(res.stdout) <= FAST.output_bytes
+
+
+def test_sleep_past_timeout():
+  t0 = time.monotonic()
+  res = run("import time\ntime.sleep(60)\n", limits=SHORT)
+  assert res.cause == "timeout"
+  assert time.monotonic() - t0 < 3
+
+
+@pytest.mark.parametrize(
+  "prog",
+  [
+    "import subprocess\nsubprocess.run(['/usr/bin/true'], check=True)",
+    "import os\nos.posix_spawn('/usr/bin/true', ['true'], {})",
+    "import os\nos.execv('/usr/bin/true', ['true'])",
+    "import os\nassert os.system('/usr/bin/true') == 0",
+    "import pty\npty.fork()",
+  ],
+)
+def test_spawning_subprocesses(prog):
+  res = run(prog)
+  assert res.cause == "error", res
+  assert "PermissionError" in res.detail or "AssertionError" in res.detail
+
+
+def test_killing_the_parent():
+  me = os.getpid()
+  prog = (
+    "import os, signal\n"
+    "os.kill(os.getppid(), signal.SIGKILL)\n"  # bwrap's init: immune
+    f"os.kill({me}, signal.SIGKILL)\n"  # the host: not in our pid ns
+  )
+  res = run(prog)
+  assert res.cause == "error" and "ProcessLookupError" in res.detail
+  res = run("import os, signal\nos.kill(-1, signal.SIGKILL)\n")
+  assert res.cause in ("error", "killed")
+  assert os.getpid() == me  # we are still here
+
+
+def test_proc_shows_only_the_sandbox(monkeypatch):
+  monkeypatch.setenv("K15_SECRET_TOKEN", "hunter2-k15")
+  sleeper = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(30)"],
+    env={**os.environ},
+  )
+  try:
+    prog = (
+      "import os\n"
+      "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+      "print(pids)\n"
+      "for p in pids:\n"
+      "  for f in ('environ', 'cmdline'):\n"
+      "    try:\n"
+      "      print(open(f'/proc/{p}/{f}', 'rb').read())\n"
+      "    except OSError as e:\n"
+      "      print(e)\n"
+      f"print(open('/proc/{sleeper.pid}/environ').read())\n"
+    )
+    res = run(prog)
+    assert res.cause == "error" and "FileNotFoundError" in res.detail
+    assert_no_leak(res, "hunter2-k15")
+    pids = eval(res.stdout.splitlines()[0])  # noqa: S307 (our own output)
+    assert sorted(pids, key=int) == ["1", "2"]  # bwrap init and the program
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+
+
+def test_environment_secrets(monkeypatch):
+  monkeypatch.setenv("K15_SECRET_TOKEN", "hunter2-k15")
+  res = run("import os\nprint(dict(os.environ))\n")
+  assert res.cause == "ok"
+  assert_no_leak(res, "hunter2-k15")
+  assert "K15_SECRET_TOKEN" not in res.stdout
+
+
+def test_unprivileged_inside():
+  res = run("import os\nprint(os.getuid(), os.geteuid(), os.getgroups())")
+  uid, euid = (int(x) for x in res.stdout.split()[:2])
+  assert uid != 0 and euid != 0
+  res = run("import os\nos.setuid(0)\n")
+  assert res.cause == "error"
+
+
+def test_ptrace_mount_unshare_blocked():
+  prog = (
+    "import ctypes, os\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "bad = []\n"
+    "for name, nr, args in [('ptrace', 101, (16, 1, 0, 0)),\n"
+    "                       ('unshare', 272, (0x10000000,)),\n"
+    "                       ('mount', 165, (0, 0, 0, 0, 0)),\n"
+    "                       ('bpf', 321, (0, 0, 0))]:\n"
+    "  if libc.syscall(nr, *args) != -1 or ctypes.get_errno() != 1:\n"
+    "    bad.append(name)\n"
+    "assert not bad, bad\n"
+  )
+  assert run(prog).cause == "ok"
+
+
+@pytest.mark.parametrize(
+  "prog",
+  [
+    "import os\nos._exit(0)\n",
+    "import sys\nsys.exit(0)\n",
+    "raise SystemExit\n",
+    "import os\nos.kill(os.getpid(), 9)\n",
+  ],
+)
+def test_exit_before_tests_is_a_failure(prog):
+  res = run(prog + "def f():\n  return 1\n", "assert", ["assert f() == 2"])
+  assert res.cause in ("early_exit", "killed")
+  assert [t.status for t in res.tests] == ["not_run"]
+  assert not res.passed
+
+
+def test_forged_records_before_exit_fail():
+  # Fake verdicts on stdout and straight into the result pipe (its fd number
+  # is on argv): without the nonce, which does not exist yet, they count for
+  # nothing.
+  prog = (
+    "import os, sys\n"
+    "fd = int(sys.argv[2])\n"
+    'fake = \'ready\\nX test 0 {"status": "ok"}\\nX done\\n\'\n'
+    "print(fake)\n"
+    "os.write(fd, fake.encode())\n"
+    "os._exit(0)\n"
+  )
+  res = run(prog, "assert", ["assert False"])
+  assert res.cause == "early_exit" and not res.passed
+  assert res.tests[0].status == "not_run"
+
+
+def test_threads_left_running_before_tests_fail():
+  prog = (
+    "import threading, time\n"
+    "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+  )
+  res = run(prog, "assert", ["assert True"])
+  assert res.cause == "error" and "threads" in res.detail
+
+
+def test_threads_are_allowed():
+  prog = (
+    "import concurrent.futures as cf\n"
+    "with cf.ThreadPoolExecutor(4) as ex:\n"
+    "  r = sum(ex.map(lambda x: x * x, range(10)))\n"
+  )
+  assert run(prog, "assert", ["assert r == 285"]).cause == "ok"
