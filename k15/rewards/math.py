@@ -1,0 +1,275 @@
+"""Rule-based math reward: final-answer extraction, anti-hacking rules and
+equivalence by `math-verify`, with an exact comparator as the fast path.
+
+A response is read as reasoning followed by a final answer section: the text
+after the last `</think>` when the response uses think tags, else the whole
+response. Answers are marked `\\boxed{...}` (nested braces allowed),
+`answer: X` or `#### X` (`formats` chooses which count). Rules (each scores
+0, with its own cause, because each is a way to collect reward without
+solving the task):
+
+- truncated: the trajectory was cut by the length limit (`finished=False`);
+- no_answer: no marked answer anywhere;
+- answer_in_reasoning: marked answers only inside the reasoning (an unclosed
+  `<think>`, or the last answer followed by more than `max_trailing_chars`
+  of further text);
+- multiple_answers: the final section marks two or more different answers
+  (hedging: "\\boxed{3} or \\boxed{4}").
+
+math-verify times out with `signal.alarm`, which only works in a main thread
+(other frameworks silently score 0 there), so it runs in `WorkerPool`
+processes with an outer per-item timeout; a timeout or crash scores 0 and
+shows as cause "timeout" / "error".
+"""
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from k15.rewards import workers
+from k15.rewards.base import RewardResult, check_lengths
+
+FORMATS = ("boxed", "answer", "hash")
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
+_ANSWER_RE = re.compile(r"\banswer\s*:[ \t]*([^\n]*)", re.IGNORECASE)
+_HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Extraction:
+  """answer: the final answer (None when a rule fails); cause: "ok" or the
+  rule that failed; answers: every answer marked in the final section."""
+
+  answer: str | None
+  cause: str
+  answers: tuple[str, ...] = ()
+
+
+def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
+  """(start, end, content) of each `\\boxed{...}`, braces balanced."""
+  spans = []
+  for m in _BOXED_RE.finditer(text):
+    i = m.end()
+    while i < len(text) and text[i] in " \t":
+      i += 1
+    if i < len(text) and text[i] != "{":  # `\boxed 5`: one token
+      tok = re.match(r"[^\s$.,;]+", text[i:])
+      if tok:
+        spans.append((m.start(), i + tok.end(), tok.group()))
+      continue
+    depth, j = 0, i
+    while j < len(text):
+      c = text[j]
+      if c == "\\":
+        j += 2  # escaped char, e.g. \{ \}: never structural
+        continue
+      if c == "{":
+        depth += 1
+      elif c == "}":
+        depth -= 1
+        if depth == 0:
+          spans.append((m.start(), j + 1, text[i + 1 : j]))
+          break
+      j += 1
+    # an unbalanced \boxed{ marks nothing
+  return spans
+
+
+def _clean(value: str) -> str:
+  value = value.strip()
+  for _ in range(3):
+    value = value.strip().strip("*").strip()
+    if len(value) >= 2 and value[0] == value[-1] == "$":
+      value = value[1:-1]
+    value = value.rstrip(".").strip()
+  return value
+
+
+def _markers(text: str, formats: Sequence[str]) -> list[tuple[int, int, str]]:
+  """Marked answers in `text` as (start, end, value), in order."""
+  out = []
+  boxed = _boxed_spans(text) if "boxed" in formats else []
+  out += boxed
+  line_res = []
+  if "answer" in formats:
+    line_res.append(_ANSWER_RE)
+  if "hash" in formats:
+    line_res.append(_HASH_RE)
+  for pattern in line_res:
+    for m in pattern.finditer(text):
+      s, e = m.span(1)
+      if any(s <= bs and be <= e for bs, be, _ in boxed):
+        continue  # "answer: it is \boxed{4}": the box is the answer
+      out.append((m.start(), e, m.group(1)))
+  out.sort()
+  return [(s, e, _clean(v)) for s, e, v in out if _clean(v)]
+
+
+def normalize(answer: str) -> str:
+  """Canonical string for the exact comparator and the distinctness rule."""
+  s = _clean(answer)
+  for a, b in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""),
+               ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
+               ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", "")):  # fmt: skip
+    s = s.replace(a, b)
+  s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+  s = re.sub(r"\s+", "", s)
+  if re.fullmatch(r"-?[\d,]*\.?\d+", s) and "," in s:
+    s = s.replace(",", "")  # 1,000 -> 1000 (only for plain numbers)
+  return s
+
+
+def _as_number(s: str) -> float | None:
+  if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s):
+    return float(s)
+  return None
+
+
+def exact_equal(pred: str, gold: str) -> bool:
+  """The fast path: same normalized string, or the same plain number."""
+  p, g = normalize(pred), normalize(gold)
+  if p == g:
+    return True
+  pn, gn = _as_number(p), _as_number(g)
+  return pn is not None and gn is not None and pn == gn
+
+
+def extract(
+  response: str,
+  formats: Sequence[str] = FORMATS,
+  max_trailing_chars: int | None = 300,
+) -> Extraction:
+  """Applies the answer rules (module docstring) to one finished response."""
+  unknown = set(formats) - set(FORMATS)
+  if unknown:
+    raise ValueError(f"math: unknown answer formats {sorted(unknown)}")
+  close = response.rfind(_THINK_CLOSE)
+  if close >= 0:
+    final = response[close + len(_THINK_CLOSE) :]
+    reasoning = response[:close]
+  elif _THINK_OPEN in response:
+    final, reasoning = "", response  # never closed: all of it is reasoning
+  else:
+    final, reasoning = response, ""
+  marks = _markers(final, formats)
+  if not marks:
+    cause = (
+      "answer_in_reasoning" if _markers(reasoning, formats) else ("no_answer")
+    )
+    return Extraction(None, cause)
+  answers = tuple(v for _, _, v in marks)
+  if len({normalize(a) for a in answers}) > 1:
+    return Extraction(None, "multiple_answers", answers)
+  trailing = len(final) - marks[-1][1]
+  if max_trailing_chars is not None and trailing > max_trailing_chars:
+    return Extraction(None, "answer_in_reasoning", answers)
+  return Extraction(answers[-1], "ok", answers)
+
+
+def _verify_one(pair: tuple[str, str]) -> bool:
+  """Worker-side: math-verify equivalence of (gold, predicted)."""
+  from math_verify import parse, verify
+
+  gold, pred = pair
+
+  def wrap(s: str) -> str:
+    return s if ("$" in s or "\\boxed" in s) else f"${s}$"
+
+  g = parse(wrap(gold), parsing_timeout=_INNER_TIMEOUT_S)
+  p = parse(wrap(pred), parsing_timeout=_INNER_TIMEOUT_S)
+  if not g or not p:
+    return False
+  return bool(verify(g, p, timeout_seconds=_INNER_TIMEOUT_S))
+
+
+_INNER_TIMEOUT_S = 3  # math-verify's own alarm, inside the outer timeout
+
+
+def _gold(item: dict[str, Any]) -> str:
+  if "answer" not in item:
+    raise ValueError(f"math reward: item has no 'answer': {sorted(item)}")
+  return str(item["answer"])
+
+
+class MathReward:
+  """`fn(items, responses, finished) -> list[RewardResult]` for math tasks.
+
+  exact_only: skip math-verify (the 'exact' kind for synthetic tasks);
+  timeout_s: outer per-item limit on verification (worker killed past it);
+  num_workers: verifier processes (default: the machine's cores).
+  """
+
+  def __init__(
+    self,
+    *,
+    formats: Sequence[str] = FORMATS,
+    max_trailing_chars: int | None = 300,
+    exact_only: bool = False,
+    timeout_s: float = 10.0,
+    num_workers: int | None = None,
+    context: str = "forkserver",
+  ):
+    self.formats = tuple(formats)
+    self.max_trailing_chars = max_trailing_chars
+    self.exact_only = exact_only
+    self.timeout_s = timeout_s
+    self._pool_args = dict(num_workers=num_workers, context=context)
+    self._pool: workers.WorkerPool | None = None
+
+  @property
+  def pool(self) -> workers.WorkerPool:
+    if self._pool is None:
+      self._pool = workers.WorkerPool(
+          _verify_one, preload=["k15.rewards.math", "math_verify"],
+          **self._pool_args,
+      )  # fmt: skip
+    return self._pool
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.close()
+      self._pool = None
+
+  def __call__(
+    self,
+    items: list[dict[str, Any]],
+    responses: list[str],
+    finished: list[bool],
+  ) -> list[RewardResult]:
+    check_lengths(items, responses, finished)
+    results: list[RewardResult | None] = [None] * len(items)
+    slow: list[tuple[int, str, str]] = []
+    for i, (item, response, done) in enumerate(
+      zip(items, responses, finished, strict=True)
+    ):
+      gold = _gold(item)
+      if not done:
+        results[i] = RewardResult(0.0, False, "truncated")
+        continue
+      ex = extract(response, self.formats, self.max_trailing_chars)
+      info = {"answer": ex.answer, "gold": gold}
+      if ex.answer is None:
+        info["answers"] = list(ex.answers)
+        results[i] = RewardResult(0.0, False, ex.cause, info)
+      elif exact_equal(ex.answer, gold):
+        results[i] = RewardResult(1.0, True, "ok", {**info, "by": "exact"})
+      elif self.exact_only:
+        results[i] = RewardResult(0.0, False, "wrong_answer", info)
+      else:
+        slow.append((i, gold, ex.answer))
+    if slow:
+      outcomes = self.pool.map([(g, a) for _, g, a in slow], self.timeout_s)
+      for (i, gold, answer), out in zip(slow, outcomes, strict=True):
+        info = {"answer": answer, "gold": gold, "by": "math_verify"}
+        if out.ok and out.value:
+          results[i] = RewardResult(1.0, True, "ok", info)
+        elif out.ok:
+          results[i] = RewardResult(0.0, False, "wrong_answer", info)
+        else:
+          cause = "timeout" if out.cause == "timeout" else "error"
+          info["detail"] = out.detail
+          results[i] = RewardResult(0.0, False, cause, info)
+    return results  # type: ignore[return-value]
