@@ -601,9 +601,10 @@ def _ring_block_counts(*args, mesh, block_q: int, block_kv: int) -> np.ndarray:
 
   For tests and benchmarks: shows that skipping plus zigzag balances work.
   """
-  return np.asarray(
-    _ring_run(*args, mesh=mesh, block_q=block_q, block_kv=block_kv)[1]
+  run = functools.partial(
+    _ring_run, mesh=mesh, block_q=block_q, block_kv=block_kv
   )
+  return np.asarray(jax.jit(lambda *a: run(*a)[1])(*args))
 
 
 def _ring_run(
