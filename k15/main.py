@@ -5,11 +5,11 @@ multi-host runs initialise `jax.distributed` first; the rest is
 `k15.pipeline.run`, which notebooks and tests import directly.
 """
 
-import logging
 import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,7 +31,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  # orbax logs every save at INFO through absl; keep the console readable.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   import jax  # noqa: PLC0415 - after flags, so XLA_FLAGS set by a launcher apply
 
   if _NUM_PROCESSES.value > 1:

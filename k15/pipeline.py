@@ -58,6 +58,7 @@ class TaskConfig:
   num_sft: int = 256
   num_rl: int = 4096
   num_eval: int = 256
+  sft_max_steps: int = 0  # > 0: warm-up traces only up to this difficulty
   seed: int = 0
 
 
@@ -72,6 +73,7 @@ class TokenizerConfig:
 class SFTConfig:
   steps: int = 200
   batch_size: int = 32
+  lr: float = 0.0  # > 0 overrides optim.lr for supervised stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,7 @@ class Settings:
   ckpt: ckpt_lib.CheckpointConfig
   eval: evaluate.EvalConfig
   mesh: dict[str, int]
+  init: str = ""  # a Llama/Qwen2 safetensors dir to start from
 
   @property
   def loss(self) -> objective.LossConfig:
@@ -156,7 +159,8 @@ def settings(config: ml_collections.ConfigDict, *, vocab_size: int | None
   """Validates the whole config before any work; errors name the field."""
   cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   config_lib.check_keys(
-      cfg, set(_SECTIONS) | {"seed", "stages", "mesh", "name"}, "config")
+      cfg, set(_SECTIONS) | {"seed", "stages", "mesh", "name", "init"},
+      "config")
   out: dict[str, Any] = {}
   for name, cls in _SECTIONS.items():
     section = dict(cfg.get(name) or {})
@@ -170,7 +174,8 @@ def settings(config: ml_collections.ConfigDict, *, vocab_size: int | None
       raise ValueError(f"config: unknown stage {s!r} in config.stages "
                        f"(known: {STAGES})")
   mesh = dict(cfg.get("mesh") or {})
-  s = Settings(seed=int(cfg.get("seed", 0)), stages=stages, mesh=mesh, **out)
+  s = Settings(seed=int(cfg.get("seed", 0)), stages=stages, mesh=mesh,
+               init=str(cfg.get("init", "") or ""), **out)
   _check_combinations(s, vocab_size, num_devices)
   return s
 
@@ -237,8 +242,13 @@ class Run:
     self.problems = arithmetic.splits(
         seed=s.task.seed, num_sft=s.task.num_sft, num_rl=s.task.num_rl,
         num_eval=s.task.num_eval, min_steps=s.task.min_steps,
-        max_steps=s.task.max_steps, ops=s.task.ops)
+        max_steps=s.task.max_steps, ops=s.task.ops,
+        sft_max_steps=s.task.sft_max_steps)
     self.tx = train.make_optimizer(s.optim)
+    self.sft_tx = self.tx
+    if s.sft.lr > 0:
+      self.sft_tx = train.make_optimizer(
+          dataclasses.replace(s.optim, lr=s.sft.lr))
     self.writer = metrics_lib.MetricWriter(workdir)
     self.sampling = dataclasses.replace(
         s.sampler, stop_tokens=tuple(s.sampler.stop_tokens) or
@@ -356,17 +366,20 @@ def _check_skips(stage: str, skips: int, limit: int, ck) -> None:
 def _sft_loop(r: Run, stage: str, state, start: int, steps: int,
               ck: ckpt_lib.Checkpointer, seed_offset: int, every: int):
   s = r.s
+  examples = r.sft_examples()
+  longest = max(len(e[1]) for e in examples)
   ds = data.sft_dataset(
-      r.sft_examples(), batch_size=s.sft.batch_size,
+      examples, batch_size=s.sft.batch_size,
       prompt_len=s.rollout.prompt_len,
-      response_len=s.rollout.max_len - s.rollout.prompt_len,
+      response_len=min(_round_up(longest, 16),
+                       s.rollout.max_len - s.rollout.prompt_len),
       pad_id=r.tok.pad_id, seed=s.seed + seed_offset)
   bar = metrics_lib.Progress(steps, stage, initial=start)
   skips = 0
   t0 = time.time()
   for step in range(start, steps):
     batch = r.shard(data.process_slice(ds[step]))
-    state, m = train.sft_step(state, batch, model=s.model, tx=r.tx)
+    state, m = train.sft_step(state, batch, model=s.model, tx=r.sft_tx)
     m = jax.device_get(m)
     skips = skips + 1 if m["skipped"] else 0
     _check_skips(stage, skips, s.rl.max_consecutive_skips, ck)
@@ -397,6 +410,8 @@ def run_sft_stage(r: Run):
   if restored is None:
     state = train.init_state(jax.random.key(s.seed), model=s.model, tx=r.tx,
                              mesh=r.mesh)
+    if s.init:
+      state = _load_init(r, state)
     start = 0
   else:
     start, state = restored[0], restored[1]["train"]
@@ -410,6 +425,17 @@ def run_sft_stage(r: Run):
   ck.close()
   logging.info("k15: after SFT %s", r.results["sft"])
   return state
+
+
+def _load_init(r: Run, state):
+  """Replaces the fresh params with an imported HF checkpoint's."""
+  from k15 import hf  # noqa: PLC0415
+
+  params = hf.import_params(r.s.init, model=r.s.model)
+  params = jax.device_put(params, jax.tree.map(lambda x: x.sharding,
+                                               state.params))
+  return state.replace(params=params,
+                       opt_state=r.sft_tx.init(params))
 
 
 def _need_sft_state(r: Run, sft_state):
@@ -524,7 +550,10 @@ def rl_iteration(r: Run, state, it: int, prompt_sampler, skips: int):
   adv_PxK = objective.advantages(shaped_PxK, correct_PxK, lengths_PxK,
                                  kind=s.rl.loss, baseline=s.rl.baseline,
                                  tau=s.rl.tau)
-  P_len, N = s.rollout.prompt_len, s.rollout.budget
+  # Score only as many response columns as the longest response needs
+  # (rounded to 16: a handful of compiled shapes, no per-iteration retrace).
+  P_len = s.rollout.prompt_len
+  N = min(_round_up(max(int(lengths_PxK.max()), 1), 16), s.rollout.budget)
   batch = rollout.to_batch(rows, [g.response for g in gens],
                            prompt_len=P_len, response_len=N,
                            pad_id=r.tok.pad_id)

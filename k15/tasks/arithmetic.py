@@ -74,14 +74,19 @@ def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
 
 
 def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
-           min_steps: int, max_steps: int, ops: str = OPS
-           ) -> dict[str, list[Problem]]:
-  """Disjoint warm-up / RL / evaluation sets (by question text)."""
+           min_steps: int, max_steps: int, ops: str = OPS,
+           sft_max_steps: int = 0) -> dict[str, list[Problem]]:
+  """Disjoint warm-up / RL / evaluation sets (by question text).
+
+  `sft_max_steps` (if > 0) caps the warm-up traces' difficulty below the RL
+  and evaluation range: RL then has to extend the chain of thought to
+  problems longer than any it imitated.
+  """
   ev = generate(num_eval, seed=seed + 2, min_steps=min_steps,
                 max_steps=max_steps, ops=ops)
   used = {p.question for p in ev}
-  sft = generate(num_sft, seed=seed, min_steps=min_steps, max_steps=max_steps,
-                 exclude=used, ops=ops)
+  sft = generate(num_sft, seed=seed, min_steps=min_steps,
+                 max_steps=sft_max_steps or max_steps, exclude=used, ops=ops)
   used |= {p.question for p in sft}
   rl = generate(num_rl, seed=seed + 1, min_steps=min_steps,
                 max_steps=max_steps, exclude=used, ops=ops)
