@@ -183,8 +183,9 @@ def _parse(argv: list[str]):
   p.add_argument(
     "--mem_limit_gib",
     type=float,
-    default=12.0,
-    help="skip a config whose compiled buffers exceed this (shared machine)",
+    default=14.0,
+    help="skip a config whose compiled buffers exceed this or 80%% of "
+    "MemAvailable (the machine is shared)",
   )
   p.add_argument("--out", default=None, help="also write the table here")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
