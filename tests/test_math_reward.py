@@ -196,6 +196,6 @@ def test_worker_pool_timeout_crash_error():
     assert "ValueError" in out[1].detail
 
 
-def test_worker_pool_refuses_fork():
-  with pytest.raises(ValueError, match="never fork"):
-    workers.WorkerPool(int, context="fork")
+def test_worker_pool_rejects_unpicklable_fn():
+  with pytest.raises(Exception, match="pickle|local"):
+    workers.WorkerPool(lambda x: x)

@@ -210,22 +210,20 @@ class MathReward:
     exact_only: bool = False,
     timeout_s: float = 10.0,
     num_workers: int | None = None,
-    context: str = "forkserver",
   ):
     self.formats = tuple(formats)
     self.max_trailing_chars = max_trailing_chars
     self.exact_only = exact_only
     self.timeout_s = timeout_s
-    self._pool_args = dict(num_workers=num_workers, context=context)
+    self.num_workers = num_workers
     self._pool: workers.WorkerPool | None = None
 
   @property
   def pool(self) -> workers.WorkerPool:
     if self._pool is None:
       self._pool = workers.WorkerPool(
-          _verify_one, preload=["k15.rewards.math", "math_verify"],
-          **self._pool_args,
-      )  # fmt: skip
+        _verify_one, self.num_workers, preload=["math_verify"]
+      )
     return self._pool
 
   def close(self) -> None:

@@ -7,20 +7,30 @@ worker process; a worker past its deadline is SIGKILLed and replaced, and the
 item scores a "timeout" instead of stalling the batch. A worker that dies
 scores a "crash".
 
-Workers come from the 'forkserver' context by default (a fresh interpreter
-that never shares the JAX process's memory; replacing a killed worker is a
-cheap fork of the server, with `preload` modules already imported), or from
-'spawn'. Never 'fork': forking a process with JAX threads can deadlock.
+Workers are fresh interpreters (`python -m k15.rewards.workers`, the
+equivalent of multiprocessing's 'spawn'), started with plain `subprocess`:
+the JAX process is never forked, and unlike multiprocessing nothing
+re-imports the parent's `__main__` (which for `python -m k15.main` would
+load JAX into every worker). Items and results travel pickled over pipes
+(`multiprocessing.connection.Connection`). A worker kills itself when its
+parent dies (PR_SET_PDEATHSIG, set in the worker).
 """
 
+import ctypes
 import dataclasses
-import multiprocessing
+import importlib
 import multiprocessing.connection
 import os
+import pickle
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+Connection = multiprocessing.connection.Connection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +47,22 @@ class Outcome:
     return self.cause == "ok"
 
 
-def _worker_main(conn, fn) -> None:
+def _serve(inbox: Connection, outbox: Connection, parent: int) -> None:
+  """Worker loop: the first message is (fn, preload); then (idx, arg)."""
+  try:  # die with the parent even while stuck in C code
+    libc = ctypes.CDLL(None)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+  if os.getppid() != parent:
+    return
+  fn, preload = inbox.recv()
+  for name in preload:
+    importlib.import_module(name)
+  outbox.send("ready")
   while True:
     try:
-      msg = conn.recv()
+      msg = inbox.recv()
     except (EOFError, OSError):
       return
     if msg is None:
@@ -51,26 +73,46 @@ def _worker_main(conn, fn) -> None:
     except Exception as e:  # noqa: BLE001 (reported to the caller)
       out = ("error", None, f"{type(e).__name__}: {e}"[:2000])
     try:
-      conn.send((idx, out))
+      outbox.send((idx, out))
     except Exception as e:  # noqa: BLE001 (e.g. an unpicklable result)
-      conn.send((idx, ("error", None, f"unsendable result: {e}")))
+      outbox.send((idx, ("error", None, f"unsendable result: {e}")))
 
 
 class _Worker:
-  def __init__(self, ctx, fn):
-    self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_worker_main, args=(child, fn), daemon=True)
-    self.proc.start()
-    child.close()
+  def __init__(self, fn, preload):
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    self.proc = subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "k15.rewards.workers",
+        str(to_child_r),
+        str(to_parent_w),
+        str(os.getpid()),
+      ],
+      pass_fds=(to_child_r, to_parent_w),
+      stdin=subprocess.DEVNULL,
+      env=env,
+    )
+    os.close(to_child_r)
+    os.close(to_parent_w)
+    self.send = Connection(to_child_w, readable=False)
+    self.conn = Connection(to_parent_r, writable=False)
+    self.send.send((fn, tuple(preload)))
+    self.ready = False
     self.idx = -1  # item in flight
     self.deadline = 0.0
 
   def kill(self) -> None:
     try:
       self.proc.kill()
-    except (OSError, ValueError):
+    except OSError:
       pass
-    self.proc.join(timeout=5)
+    self.proc.wait()
+    self.send.close()
     self.conn.close()
 
 
@@ -78,7 +120,9 @@ class WorkerPool:
   """Runs a picklable, module-level `fn(arg)` over items in worker processes.
 
   `map` is blocking and serialized by a lock (one batch at a time); call it
-  from a thread to overlap with other work.
+  from a thread to overlap with other work. `preload`: modules the workers
+  import before their first item (start-up is not charged to an item's
+  timeout).
   """
 
   def __init__(
@@ -86,23 +130,46 @@ class WorkerPool:
     fn: Callable[[Any], Any],
     num_workers: int | None = None,
     *,
-    context: str = "forkserver",
     preload: Sequence[str] = (),
+    start_timeout_s: float = 120.0,
   ):
-    if context == "fork":
-      raise ValueError("WorkerPool: never fork the (JAX) parent process")
+    pickle.dumps(fn)  # fail here, not in a worker
     self.fn = fn
     self.num_workers = num_workers or max(1, os.cpu_count() or 1)
-    self.ctx = multiprocessing.get_context(context)
-    if context == "forkserver" and preload:
-      self.ctx.set_forkserver_preload(list(preload))
+    self.preload = tuple(preload)
+    self.start_timeout_s = start_timeout_s
     self._workers: list[_Worker] = []
     self._lock = threading.Lock()
     self.restarts = 0
 
   def _ensure(self, n: int) -> None:
     while len(self._workers) < n:
-      self._workers.append(_Worker(self.ctx, self.fn))
+      self._workers.append(_Worker(self.fn, self.preload))
+
+  def _wait_ready(self, ws: list[_Worker]) -> list[_Worker]:
+    """Workers that finished start-up; dead or hung ones are replaced."""
+    waiting = {w.conn: w for w in ws if not w.ready}
+    deadline = time.monotonic() + self.start_timeout_s
+    while waiting:
+      left = deadline - time.monotonic()
+      ready = multiprocessing.connection.wait(list(waiting), max(0.0, left))
+      if not ready:
+        raise RuntimeError(
+          f"WorkerPool: workers did not start in {self.start_timeout_s}s"
+        )
+      for conn in ready:
+        w = waiting.pop(conn)
+        try:
+          msg = conn.recv()
+        except (EOFError, OSError):
+          msg = None
+        if msg != "ready":
+          raise RuntimeError(
+            f"WorkerPool: a worker died at start-up (exit code "
+            f"{w.proc.wait()}); see its stderr above"
+          )
+        w.ready = True
+    return ws
 
   def map(self, args: Sequence[Any], timeout_s: float) -> list[Outcome]:
     """One `Outcome` per arg, in order; each item gets `timeout_s` seconds
@@ -112,13 +179,21 @@ class WorkerPool:
       return []
     with self._lock:
       self._ensure(min(self.num_workers, len(args)))
+      idle = self._wait_ready(list(self._workers))
       pending = list(range(len(args)))[::-1]
       busy: dict[Any, _Worker] = {}
-      idle = list(self._workers)
+
+      def replace(w: _Worker) -> None:
+        w.kill()
+        self._workers.remove(w)
+        self.restarts += 1
+        nw = _Worker(self.fn, self.preload)
+        self._workers.append(nw)
+        idle.extend(self._wait_ready([nw]))
 
       def start(w: _Worker, i: int) -> None:
         try:
-          w.conn.send((i, args[i]))
+          w.send.send((i, args[i]))
         except (OSError, ValueError) as e:  # broken pipe: a dead worker
           outcomes[i] = Outcome("crash", detail=f"cannot send item: {e}")
           replace(w)
@@ -129,14 +204,6 @@ class WorkerPool:
           return
         w.idx, w.deadline = i, time.monotonic() + timeout_s
         busy[w.conn] = w
-
-      def replace(w: _Worker) -> None:
-        w.kill()
-        self._workers.remove(w)
-        self.restarts += 1
-        nw = _Worker(self.ctx, self.fn)
-        self._workers.append(nw)
-        idle.append(nw)
 
       while pending or busy:
         while pending and idle:
@@ -167,19 +234,34 @@ class WorkerPool:
     with self._lock:
       for w in self._workers:
         try:
-          w.conn.send(None)
+          w.send.send(None)
         except (OSError, ValueError):
           pass
       for w in self._workers:
-        w.proc.join(timeout=2)
-        if w.proc.is_alive():
-          w.kill()
-        else:
-          w.conn.close()
+        try:
+          w.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+          pass
+        w.kill()
       self._workers = []
+
+  def __del__(self):
+    try:
+      for w in self._workers:
+        w.proc.kill()
+    except Exception:  # noqa: BLE001 (interpreter shutdown)
+      pass
 
   def __enter__(self) -> "WorkerPool":
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+if __name__ == "__main__":
+  _serve(
+    Connection(int(sys.argv[1]), writable=False),
+    Connection(int(sys.argv[2]), readable=False),
+    int(sys.argv[3]),
+  )
