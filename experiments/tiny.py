@@ -27,15 +27,15 @@ def get_config(arg=None):
   c.seed = arg.seed
   c.stages = ("sft", "control") if arg.control else ("sft", "rl", "control")
 
-  c.task = dict(name="arithmetic", min_steps=2, max_steps=6, ops="+-*",
-                num_sft=256, num_rl=8192, num_eval=256, seed=0)
-  c.tokenizer = dict(kind="sentencepiece", vocab_size=64, path="")
+  c.task = dict(name="chains", min_steps=2, max_steps=6, num_sft=256,
+                num_rl=8192, num_eval=256, seed=0)
+  c.tokenizer = dict(kind="sentencepiece", vocab_size=40, path="")
   c.model = dict(vocab_size=0, num_layers=2, d_model=128, num_heads=4,
-                 num_kv_heads=2, head_dim=32, mlp_dim=512, max_len=128,
+                 num_kv_heads=2, head_dim=32, mlp_dim=512, max_len=96,
                  attention="dense", emb_init_scale=0.02)
   c.sampler = dict(temperature=1.0, top_k=0, top_p=1.0)
-  c.rollout = dict(k=8, prompts_per_iter=32, prompt_len=24, budget=80,
-                   max_len=104, gen_rows=256)
+  c.rollout = dict(k=8, prompts_per_iter=32, prompt_len=48, budget=48,
+                   max_len=96, gen_rows=256)
   c.rl = dict(iterations=60, loss=arg.loss, tau=0.1, baseline="mean",
               num_minibatches=4, epochs=1, reset_optimizer=True)
   c.length_penalty = dict(schedule="off", weight=0.0, warmup=0)

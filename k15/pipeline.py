@@ -38,7 +38,7 @@ from k15 import model as model_lib
 from k15 import sampler as sampler_lib
 from k15 import sharding, train
 from k15 import tokenizer as tokenizer_lib
-from k15.tasks import arithmetic
+from k15 import tasks
 
 STAGES = ("sft", "rl", "control")
 _STAGE_SEED = {"sft": 11, "rl": 22, "control": 33, "eval": 44}
@@ -234,12 +234,13 @@ class Run:
     os.makedirs(workdir, exist_ok=True)
     self.workdir = workdir
     pre = settings(config)  # validate before the tokenizer is trained
+    self.task = tasks.get(pre.task.name)
     self.tok = self._tokenizer(pre)
     self.s = settings(config, vocab_size=self.tok.vocab_size,
                       num_devices=jax.device_count())
     s = self.s
     self.mesh = sharding.make_mesh(s.mesh)
-    self.problems = arithmetic.splits(
+    self.problems = self.task.splits(
         seed=s.task.seed, num_sft=s.task.num_sft, num_rl=s.task.num_rl,
         num_eval=s.task.num_eval, min_steps=s.task.min_steps,
         max_steps=s.task.max_steps, ops=s.task.ops,
@@ -269,7 +270,8 @@ class Run:
     if os.path.exists(path):
       return tokenizer_lib.load(path)
     tok = tokenizer_lib.train_sentencepiece(
-        arithmetic.tokenizer_corpus(), s.tokenizer.vocab_size)
+        self.task.tokenizer_corpus(), s.tokenizer.vocab_size,
+        **getattr(self.task, "TOKENIZER", {}))
     if jax.process_index() == 0:
       tok.save(path)
     return tok
@@ -287,7 +289,7 @@ class Run:
     return evaluate.evaluate(
         params, self.problems["eval"], self.rng("eval", 0), tok=self.tok,
         model=self.s.model, sampling=self.sampling, gen=self.s.gen,
-        cfg=self.s.eval, verify=arithmetic.verify, shard_fn=self.shard)
+        cfg=self.s.eval, verify=self.task.verify, shard_fn=self.shard)
 
   def sft_examples(self):
     return [data.encode_sft(self.tok, p.question, p.trace)
@@ -540,7 +542,7 @@ def rl_iteration(r: Run, state, it: int, prompt_sampler, skips: int):
   t_gen = time.time() - t_start
   answers = [p.answer for p in problems for _ in range(K)]
   correct_PxK = evaluate.score_responses(r.tok, gens, answers,
-                                         arithmetic.verify).reshape(P, K)
+                                         r.task.verify).reshape(P, K)
   lengths_PxK = np.array([len(g.response) for g in gens],
                          np.float32).reshape(P, K)
   lp = s.length_penalty

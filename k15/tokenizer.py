@@ -104,13 +104,18 @@ class HFTokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int,
-                        user_symbols: Sequence[str] = ()
-                        ) -> SentencePieceTokenizer:
-  """Trains a BPE model in memory; same texts -> same model, byte for byte."""
+                        user_symbols: Sequence[str] = (),
+                        model_type: str = "bpe") -> SentencePieceTokenizer:
+  """Trains a model in memory; same texts -> same model, byte for byte.
+
+  model_type "char" gives one token per character (plus `user_symbols`),
+  which keeps symbolic tasks' tokens aligned (a node is the same token
+  wherever it appears); "bpe" merges frequent pieces.
+  """
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(list(texts)), model_writer=model,
-      vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+      vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
       split_digits=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
       user_defined_symbols=list(user_symbols), num_threads=1,
       remove_extra_whitespaces=False, normalization_rule_name="identity",
