@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from k15 import attention
 
@@ -45,6 +46,10 @@ class ModelConfig:
   mlp_dim: int = 512
   max_len: int = 256
   rope_theta: float = 10_000.0
+  # RoPE frequency scaling as in HF `rope_scaling`: "" (none),
+  # "linear:factor=4" or "llama3:factor=8,low_freq_factor=1,
+  # high_freq_factor=4,original_max_position_embeddings=8192".
+  rope_scaling: str = ""
   tie_embeddings: bool = True
   qkv_bias: bool = False
   norm_eps: float = 1e-6
@@ -65,6 +70,7 @@ class ModelConfig:
       raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE)")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat={self.remat!r}: none | full | dots")
+    rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
 
   @property
   def jnp_dtype(self):
@@ -86,10 +92,57 @@ def _param(module, name, init, shape, axes, dtype):
                       jnp.dtype(dtype))
 
 
-def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float):
+def _parse_rope_scaling(spec: str) -> tuple[str, dict[str, float]]:
+  kind, _, args = spec.partition(":")
+  params = {}
+  for part in filter(None, args.split(",")):
+    key, eq, value = part.partition("=")
+    try:
+      params[key.strip()] = float(value)
+    except ValueError:
+      raise ValueError(f"model.rope_scaling={spec!r}: {part!r} is not "
+                       f"key=number") from None
+  return kind.strip(), params
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: str = ""
+                     ) -> np.ndarray:
+  """Inverse frequencies [Dh/2] (f32), as HF computes them for `scaling`.
+
+  A static numpy constant, so a bad `scaling` spec fails at config time.
+  """
+  inv = 1.0 / (np.float32(theta) ** (
+      np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+  if not scaling:
+    return inv.astype(np.float32)
+  kind, p = _parse_rope_scaling(scaling)
+  need = {"linear": {"factor"},
+          "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings"}}.get(kind)
+  if need is None:
+    raise ValueError(f"model.rope_scaling={scaling!r}: unsupported type "
+                     f"{kind!r} (supported: linear, llama3)")
+  if set(p) != need:
+    raise ValueError(f"model.rope_scaling={scaling!r}: {kind} takes exactly "
+                     f"{sorted(need)}")
+  if kind == "linear":
+    return (inv / np.float32(p["factor"])).astype(np.float32)
+  # llama3: keep high frequencies, divide low ones by `factor`, interpolate
+  # smoothly in between (HF `_compute_llama3_parameters`).
+  factor, old_len = p["factor"], p["original_max_position_embeddings"]
+  lo, hi = p["low_freq_factor"], p["high_freq_factor"]
+  wavelen = 2 * np.pi / inv
+  out = np.where(wavelen > old_len / lo, inv / factor, inv)
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  mid = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+  out = np.where(mid, (1 - smooth) * out / factor + smooth * out, out)
+  return out.astype(np.float32)
+
+
+def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float,
+         scaling: str = ""):
   """Rotary embedding, rotate-half layout (as Llama/Qwen2 checkpoints)."""
-  Dh = x_BxTxNxDh.shape[-1]
-  freq = theta ** (-jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh)
+  freq = jnp.asarray(rope_frequencies(x_BxTxNxDh.shape[-1], theta, scaling))
   ang_BxTxF = pos_BxT[..., None].astype(jnp.float32) * freq
   sin = jnp.sin(ang_BxTxF)[:, :, None, :]
   cos = jnp.cos(ang_BxTxF)[:, :, None, :]
@@ -148,8 +201,10 @@ class Block(nn.Module):
                            ("kv_heads", "head_dim"), pdt).astype(dt)
       v_BxTxKxDh += _param(self, "v_bias", zeros, (K, Dh),
                            ("kv_heads", "head_dim"), pdt).astype(dt)
-    q_BxTxHxDh = rope(q_BxTxHxDh, q_pos_BxT, cfg.rope_theta)
-    k_BxTxKxDh = rope(k_BxTxKxDh, q_pos_BxT, cfg.rope_theta)
+    q_BxTxHxDh = rope(q_BxTxHxDh, q_pos_BxT, cfg.rope_theta,
+                      cfg.rope_scaling)
+    k_BxTxKxDh = rope(k_BxTxKxDh, q_pos_BxT, cfg.rope_theta,
+                      cfg.rope_scaling)
 
     if layer_kv is None:  # training / scoring: keys are this call's tokens
       keys, values, new_kv = k_BxTxKxDh, v_BxTxKxDh, None
