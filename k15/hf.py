@@ -35,6 +35,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -71,6 +72,19 @@ def read_config(path: str) -> dict[str, Any]:
     raise FileNotFoundError(f"hf: no config.json in {path}")
   with open(file) as f:
     return json.load(f)
+
+
+def eos_token_ids(path: str) -> tuple[int, ...]:
+  """Stop tokens of the checkpoint: generation_config.json's eos_token_id
+  (instruct models often list several), else config.json's; () if none."""
+  for name in ("generation_config.json", "config.json"):
+    file = os.path.join(path, name)
+    if os.path.exists(file):
+      with open(file) as f:
+        eos = json.load(f).get("eos_token_id")
+      if eos is not None:
+        return tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+  return ()
 
 
 def config_from_hf(path: str, **overrides: Any) -> model_lib.ModelConfig:
@@ -197,136 +211,78 @@ def _check_matches(
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-  """One tensor kind: our name, HF name, our per-layer shape, converters."""
+  """One tensor kind: our path, HF name, our (per-layer) shape, layout.
 
-  ours: tuple[str, ...]
+  `dims` names our axes with the dimension key of k15.model. `kind`:
+  "copy" (same layout), "flat" (HF flattens our axes: biases), or
+  "linear:n" (a HF [out, in] Linear weight; our first n axes are `in`).
+  """
+
+  path: str
   hf: str
-  shape: Callable[[model_lib.ModelConfig], tuple[int, ...]]
-  to_ours: Callable[[np.ndarray, model_lib.ModelConfig], np.ndarray]
-  to_hf: Callable[[np.ndarray, model_lib.ModelConfig], np.ndarray]
+  dims: str
+  kind: str
 
+  @property
+  def ours(self) -> tuple[str, ...]:
+    return tuple(self.path.split("/"))
 
-def _heads(n: Callable[[model_lib.ModelConfig], int]) -> tuple:
-  """Converters for a [n*Dh, D] projection <-> our [D, n, Dh]."""
-  return (
-    lambda w, c: w.T.reshape(c.d_model, n(c), c.head_dim),
-    lambda w, c: w.reshape(c.d_model, -1).T,
-  )
+  def shape(self, c: model_lib.ModelConfig) -> tuple[int, ...]:
+    size = dict(
+      V=c.vocab_size, D=c.d_model, F=c.mlp_dim, H=c.num_heads,
+      K=c.num_kv_heads, Dh=c.head_dim,
+    )  # fmt: skip
+    return tuple(size[d] for d in self.dims.split())
 
+  def hf_shape(self, c: model_lib.ModelConfig) -> tuple[int, ...]:
+    return self.to_hf(np.empty(self.shape(c), np.int8), c).shape
 
-def _bias(n: Callable[[model_lib.ModelConfig], int]) -> tuple:
-  return (lambda b, c: b.reshape(n(c), c.head_dim), lambda b, c: b.reshape(-1))
+  def to_hf(self, w: np.ndarray, c: model_lib.ModelConfig) -> np.ndarray:
+    if self.kind == "copy":
+      return w
+    if self.kind == "flat":
+      return w.reshape(-1)
+    n_in = int(self.kind.partition(":")[2])
+    return w.reshape(int(np.prod(w.shape[:n_in])), -1).T
 
-
-def _transpose() -> tuple:
-  return (lambda w, c: w.T, lambda w, c: w.T)
-
-
-def _same() -> tuple:
-  return (lambda w, c: w, lambda w, c: w)
-
-
-def _h(c):
-  return c.num_heads
-
-
-def _k(c):
-  return c.num_kv_heads
+  def to_ours(self, w: np.ndarray, c: model_lib.ModelConfig) -> np.ndarray:
+    if self.kind == "copy":
+      return w
+    if self.kind == "flat":
+      return w.reshape(self.shape(c))
+    return w.T.reshape(self.shape(c))
 
 
 _LAYER = [
-  _Entry(
-    ("attn_norm", "scale"),
-    "input_layernorm.weight",
-    lambda c: (c.d_model,),
-    *_same(),
-  ),
-  _Entry(
-    ("q",),
-    "self_attn.q_proj.weight",
-    lambda c: (c.d_model, c.num_heads, c.head_dim),
-    *_heads(_h),
-  ),
-  _Entry(
-    ("k",),
-    "self_attn.k_proj.weight",
-    lambda c: (c.d_model, c.num_kv_heads, c.head_dim),
-    *_heads(_k),
-  ),
-  _Entry(
-    ("v",),
-    "self_attn.v_proj.weight",
-    lambda c: (c.d_model, c.num_kv_heads, c.head_dim),
-    *_heads(_k),
-  ),
-  _Entry(
-    ("o",),
-    "self_attn.o_proj.weight",
-    lambda c: (c.num_heads, c.head_dim, c.d_model),
-    lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.d_model),
-    lambda w, c: w.reshape(-1, c.d_model).T,
-  ),
-  _Entry(
-    ("mlp_norm", "scale"),
-    "post_attention_layernorm.weight",
-    lambda c: (c.d_model,),
-    *_same(),
-  ),
-  _Entry(
-    ("gate",),
-    "mlp.gate_proj.weight",
-    lambda c: (c.d_model, c.mlp_dim),
-    *_transpose(),
-  ),
-  _Entry(
-    ("up",),
-    "mlp.up_proj.weight",
-    lambda c: (c.d_model, c.mlp_dim),
-    *_transpose(),
-  ),
-  _Entry(
-    ("down",),
-    "mlp.down_proj.weight",
-    lambda c: (c.mlp_dim, c.d_model),
-    *_transpose(),
-  ),
+  _Entry("attn_norm/scale", "input_layernorm.weight", "D", "copy"),
+  _Entry("q", "self_attn.q_proj.weight", "D H Dh", "linear:1"),
+  _Entry("k", "self_attn.k_proj.weight", "D K Dh", "linear:1"),
+  _Entry("v", "self_attn.v_proj.weight", "D K Dh", "linear:1"),
+  _Entry("o", "self_attn.o_proj.weight", "H Dh D", "linear:2"),
+  _Entry("mlp_norm/scale", "post_attention_layernorm.weight", "D", "copy"),
+  _Entry("gate", "mlp.gate_proj.weight", "D F", "linear:1"),
+  _Entry("up", "mlp.up_proj.weight", "D F", "linear:1"),
+  _Entry("down", "mlp.down_proj.weight", "F D", "linear:1"),
 ]
 _BIASES = [
-  _Entry(
-    ("q_bias",),
-    "self_attn.q_proj.bias",
-    lambda c: (c.num_heads, c.head_dim),
-    *_bias(_h),
-  ),
-  _Entry(
-    ("k_bias",),
-    "self_attn.k_proj.bias",
-    lambda c: (c.num_kv_heads, c.head_dim),
-    *_bias(_k),
-  ),
-  _Entry(
-    ("v_bias",),
-    "self_attn.v_proj.bias",
-    lambda c: (c.num_kv_heads, c.head_dim),
-    *_bias(_k),
-  ),
+  _Entry("q_bias", "self_attn.q_proj.bias", "H Dh", "flat"),
+  _Entry("k_bias", "self_attn.k_proj.bias", "K Dh", "flat"),
+  _Entry("v_bias", "self_attn.v_proj.bias", "K Dh", "flat"),
 ]
-_EMBED = _Entry(
-  ("embedding",),
-  "model.embed_tokens.weight",
-  lambda c: (c.vocab_size, c.d_model),
-  *_same(),
-)
-_NORM = _Entry(
-  ("final_norm", "scale"), "model.norm.weight", lambda c: (c.d_model,), *_same()
-)
-_HEAD = _Entry(
-  ("lm_head",),
-  "lm_head.weight",
-  lambda c: (c.d_model, c.vocab_size),
-  *_transpose(),
-)
+_EMBED = _Entry("embedding", "model.embed_tokens.weight", "V D", "copy")
+_NORM = _Entry("final_norm/scale", "model.norm.weight", "D", "copy")
+_HEAD = _Entry("lm_head", "lm_head.weight", "D V", "linear:1")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers in old checkpoints
+# Files export_params(assets_from=...) copies beside the weights.
+ASSETS = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "generation_config.json",
+)
 
 
 def _layer_entries(model: model_lib.ModelConfig) -> list[_Entry]:
@@ -335,11 +291,6 @@ def _layer_entries(model: model_lib.ModelConfig) -> list[_Entry]:
 
 def _top_entries(model: model_lib.ModelConfig) -> list[_Entry]:
   return [_EMBED, _NORM] + ([] if model.tie_embeddings else [_HEAD])
-
-
-def _hf_shape(e: _Entry, model: model_lib.ModelConfig) -> tuple[int, ...]:
-  probe = np.empty(e.shape(model), np.int8)
-  return e.to_hf(probe, model).shape
 
 
 class _Tensors:
@@ -414,7 +365,7 @@ def import_params(path: str, *, model: model_lib.ModelConfig) -> Params:
   with contextlib.ExitStack() as stack:
     tensors = _Tensors(path, stack)
     for e in _top_entries(model):
-      t = tensors.get(e.hf, _hf_shape(e, model))
+      t = tensors.get(e.hf, e.hf_shape(model))
       put(e.ours, np.ascontiguousarray(e.to_ours(t, model), dtype))
       used.add(e.hf)
       del t
@@ -423,7 +374,7 @@ def import_params(path: str, *, model: model_lib.ModelConfig) -> Params:
       arr = np.empty((L, *e.shape(model)), dtype)
       for i in range(L):
         name = f"model.layers.{i}.{e.hf}"
-        arr[i] = e.to_ours(tensors.get(name, _hf_shape(e, model)), model)
+        arr[i] = e.to_ours(tensors.get(name, e.hf_shape(model)), model)
         used.add(name)
       node = layers
       for k in e.ours[:-1]:
@@ -437,7 +388,7 @@ def import_params(path: str, *, model: model_lib.ModelConfig) -> Params:
     if hf.get("model_type") == "llama" and hf.get("attention_bias"):
       zero_biases.append(("self_attn.o_proj.bias", (model.d_model,)))
     if not model.qkv_bias:
-      zero_biases += [(e.hf, _hf_shape(e, model)) for e in _BIASES]
+      zero_biases += [(e.hf, e.hf_shape(model)) for e in _BIASES]
     for suffix, shape in zero_biases:
       for i in range(L):
         name = f"model.layers.{i}.{suffix}"
@@ -523,7 +474,7 @@ def _hf_tensors(
         np.asarray(jax.device_get(x if i is None else x[i])), model
       )
 
-    return name, thunk, _hf_shape(e, model)
+    return name, thunk, e.hf_shape(model)
 
   def zeros(name: str, shape: tuple[int, ...]):
     return name, lambda: np.zeros(shape, np.float32), shape
@@ -537,7 +488,7 @@ def _hf_tensors(
       if model.qkv_bias:
         yield item(e, prefix + e.hf, i)
       elif family == "qwen2":
-        yield zeros(prefix + e.hf, _hf_shape(e, model))
+        yield zeros(prefix + e.hf, e.hf_shape(model))
     if family == "llama" and model.qkv_bias:  # attention_bias adds o_proj's
       yield zeros(prefix + "self_attn.o_proj.bias", (model.d_model,))
   yield item(_NORM, _NORM.hf)
@@ -554,13 +505,16 @@ def export_params(
   dtype: str | None = None,
   max_shard_bytes: int = 5 << 30,
   extra_config: Mapping[str, Any] | None = None,
+  assets_from: str | None = None,
 ) -> None:
   """Writes `path`/config.json + safetensors that transformers loads.
 
   Tensors keep their dtype unless `dtype` is given (so import(export(p))
   == p exactly). Over `max_shard_bytes` the weights are split into
   model-0000i-of-0000n.safetensors with model.safetensors.index.json.
-  `extra_config` (e.g. bos/eos_token_id) is merged into config.json.
+  `extra_config` (e.g. bos/eos_token_id) is merged into config.json;
+  `assets_from` (e.g. the imported checkpoint) supplies tokenizer and
+  generation-config files (`ASSETS`), copied when present.
   Arrays must be fully addressable from this process (single host, or
   gathered first).
   """
@@ -611,6 +565,11 @@ def export_params(
       os.path.join(path, "model.safetensors.index.json"),
       lambda tmp: _write_json(index, tmp),
     )
+  for name in ASSETS if assets_from else ():
+    src = os.path.join(assets_from, name)
+    if os.path.exists(src):
+      dst = os.path.join(path, name)
+      _atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
   _atomic(os.path.join(path, "config.json"), lambda tmp: _write_json(cfg, tmp))
 
 

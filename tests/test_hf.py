@@ -162,7 +162,10 @@ def test_parity_with_transformers(name, tmp_path):
   # import(export(params)) == params exactly.
   for out_family in hf.FAMILIES:
     dst = str(tmp_path / f"out_{out_family}")
-    hf.export_params(params, model=cfg, path=dst, family=out_family)
+    hf.export_params(
+      params, model=cfg, path=dst, family=out_family, assets_from=src
+    )
+    assert os.path.exists(os.path.join(dst, "generation_config.json"))
     back = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
     assert type(back).__name__ == hf.FAMILIES[out_family]
     np.testing.assert_allclose(_hf_logits(back, tokens), ref, atol=1e-5)
@@ -231,6 +234,38 @@ def test_config_mismatch_names_field(tmp_path, field, value, hf_name):
   bad = dataclasses.replace(cfg, **{field: value})
   with pytest.raises(ValueError, match=hf_name):
     hf.import_params(path, model=bad)
+
+
+def test_biases_the_model_lacks_must_be_zero(tmp_path):
+  cfg, params, _ = _k15_checkpoint(tmp_path, qkv_bias=True)
+  plain = dataclasses.replace(cfg, qkv_bias=False)
+  path = str(tmp_path / "qwen2")
+  hf.export_params(params, model=cfg, path=path, family="qwen2")
+  with pytest.raises(ValueError, match="q_proj.bias is nonzero"):
+    hf.import_params(path, model=plain)
+  # a bias-free model exported as Qwen2 (zero biases) imports as bias-free
+  no_bias = {
+    k: v
+    for k, v in params["params"]["layers"].items()
+    if not k.endswith("_bias")
+  }
+  params = {"params": {**params["params"], "layers": no_bias}}
+  hf.export_params(params, model=plain, path=path, family="qwen2")
+  assert hf.config_from_hf(path).qkv_bias
+  again = hf.import_params(path, model=plain)
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
+def test_eos_token_ids(tmp_path):
+  cfg, params, path = _k15_checkpoint(tmp_path)
+  assert hf.eos_token_ids(path) == ()
+  hf.export_params(
+    params, model=cfg, path=path, extra_config=dict(eos_token_id=2)
+  )
+  assert hf.eos_token_ids(path) == (2,)
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump(dict(eos_token_id=[5, 2]), f)
+  assert hf.eos_token_ids(path) == (5, 2)
 
 
 def test_bad_checkpoints_name_the_tensor_or_field(tmp_path):
