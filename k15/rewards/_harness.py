@@ -5,14 +5,16 @@ imports only the standard library and nothing from k15.
 
 Protocol (file descriptor numbers come on argv; nothing secret is in argv or
 in the environment):
-  JOB   (memfd, read):  JSON {program, mode, tests, entry_point, bpf,
+  JOB   (memfd, read):  marshal {program, mode, tests, entry_point, bpf,
                         test_timeout_s}; read whole and closed first.
-  RES   (pipe, write):  one record per line. Before the tests only untagged
-                        records: "error <json>" (top level failed) and
-                        "ready" (top level finished). After "ready" the
-                        parent writes a fresh random nonce to NONCE, and only
-                        lines "<nonce> test <i> <json>" and "<nonce> done"
-                        count.
+  RES   (pipe, write):  one record per line, free text hex-encoded. Before
+                        the tests only untagged records: "error <kind>
+                        <hex>" (top level failed) and "ready" (top level
+                        finished). After "ready" the parent writes a fresh
+                        random nonce to NONCE, and only "<nonce> test <i>
+                        <status> <hex detail> <output>" (output: "-", "j:"
+                        + JSON of the value, or "s:" + hex of stdout) and
+                        "<nonce> done" count.
   NONCE (pipe, read):   one line, written by the parent only after "ready".
 
 Why: untrusted code runs before any nonce exists, so `os._exit(0)`,
@@ -22,14 +24,18 @@ run fail. The program could still emulate this protocol or dig the nonce out
 of this process's memory while a test calls into it; in "call" and "stdio"
 modes that gains nothing, because the expected outputs never enter the
 sandbox and are compared by the parent.
+
+Start-up is paid on every execution, so: marshal rather than json (which
+pulls in `re` and `enum`; only "call" tests import it), `_signal` rather
+than `signal`.
 """
 
+import _signal
 import builtins
 import ctypes
 import io
-import json
+import marshal
 import os
-import signal
 import sys
 
 _PR_SET_NO_NEW_PRIVS = 38
@@ -60,7 +66,9 @@ def _install_filter(bpf: bytes) -> None:
     raise OSError(ctypes.get_errno(), "prctl(SECCOMP) failed")
 
 
-def _json_default(obj):
+def json_default(obj):
+  """How values that JSON lacks leave the sandbox (the parent applies the
+  same to expected values)."""
   if isinstance(obj, (set, frozenset)):
     try:
       return sorted(obj)
@@ -70,33 +78,48 @@ def _json_default(obj):
 
 
 def _num_threads() -> int:
-  try:
-    return len(os.listdir("/proc/self/task"))
-  except OSError:
-    import threading
+  """Threads of this process; joined threads may linger in the kernel for a
+  moment after `join()` returns, so wait up to 0.2 s for them to go."""
+  import time
 
-    return threading.active_count()
+  for _ in range(200):
+    try:
+      n = len(os.listdir("/proc/self/task"))
+    except OSError:
+      return 1
+    if n == 1:
+      return 1
+    time.sleep(0.001)
+  return n
+
+
+def _hex(text: str) -> str:
+  return text.encode("utf-8", "replace").hex() or "-"
 
 
 def main(argv: list[str]) -> None:
   job_fd, res_fd, nonce_fd = (int(a) for a in argv[1:4])
   with os.fdopen(job_fd, "rb") as f:
-    job = json.loads(f.read())
-  _install_filter(bytes.fromhex(job.get("bpf", "")))
+    job = marshal.loads(f.read())
+  _install_filter(job.get("bpf", b""))
+  dumps = None
+  if job["mode"] == "call":
+    import json
+
+    dumps = json.dumps
 
   # Bind everything the test loop needs before untrusted code can patch
   # builtins or modules.
   write, read, close = os.write, os.read, os.close
-  dumps, loads = json.dumps, json.loads
   exc_name = lambda e: type(e).__name__
   _exec, _compile, _repr, _len, _str = exec, compile, repr, len, str
   _isinstance, _range, _enumerate = isinstance, range, enumerate
-  setitimer, itimer_real = signal.setitimer, signal.ITIMER_REAL
+  setitimer, itimer_real = _signal.setitimer, _signal.ITIMER_REAL
   bytes_io, text_wrapper = io.BytesIO, io.TextIOWrapper
   _sys, real_stdin, real_stdout = sys, sys.stdin, sys.stdout
   timeout_exc, memory_exc, exit_exc = _TestTimeout, MemoryError, SystemExit
   assertion_exc = AssertionError
-  num_threads, json_default = _num_threads, _json_default
+  num_threads, default, hexa = _num_threads, json_default, _hex
   max_chars = _MAX_OUTPUT_CHARS
 
   def emit(line: str) -> None:
@@ -108,7 +131,7 @@ def main(argv: list[str]) -> None:
   def on_alarm(signum, frame):
     raise timeout_exc()
 
-  signal.signal(signal.SIGALRM, on_alarm)
+  _signal.signal(_signal.SIGALRM, on_alarm)
   test_timeout = float(job.get("test_timeout_s") or 0)
 
   def arm() -> None:
@@ -132,7 +155,7 @@ def main(argv: list[str]) -> None:
   try:
     code = _compile(job["program"], "<program>", "exec")
   except BaseException as e:  # SyntaxError, MemoryError, ...
-    emit("error " + dumps({"kind": "error", "detail": f"{exc_name(e)}: {e}"}))
+    emit(f"error error {hexa(f'{exc_name(e)}: {e}')}")
     return
 
   ns: dict = {"__name__": "__solution__", "__builtins__": builtins}
@@ -143,18 +166,16 @@ def main(argv: list[str]) -> None:
       disarm()
     except exit_exc as e:
       disarm()
-      emit("error " + dumps({"kind": "exit", "detail": f"SystemExit({e})"}))
+      emit(f"error exit {hexa(f'SystemExit({e})')}")
       return
     except BaseException as e:
       disarm()
       kind = status_of(e)
       kind = "error" if kind == "fail" else kind
-      emit("error " + dumps({"kind": kind, "detail": f"{exc_name(e)}: {e}"}))
+      emit(f"error {kind} {hexa(f'{exc_name(e)}: {e}')}")
       return
     if num_threads() > 1:
-      emit(
-        "error " + dumps({"kind": "error", "detail": "threads left running"})
-      )
+      emit(f"error error {hexa('threads left running')}")
       return
 
   emit("ready")
@@ -173,9 +194,9 @@ def main(argv: list[str]) -> None:
       elif mode == "call":
         fn = ns[job["entry_point"]]
         arm()
-        value = fn(*loads(test))
+        value = fn(*test)
         disarm()
-        output = dumps(value, default=json_default)
+        output = "j:" + dumps(value, default=default)
       elif mode == "stdio":
         stdin = text_wrapper(bytes_io(test.encode()), encoding="utf-8")
         out_buf = bytes_io()
@@ -193,16 +214,14 @@ def main(argv: list[str]) -> None:
         finally:
           _sys.stdin, _sys.stdout = real_stdin, real_stdout
         stdout.flush()
-        output = dumps(out_buf.getvalue().decode("utf-8", "replace"))
+        output = "s:" + (out_buf.getvalue().hex() or "-")
     except BaseException as e:
       disarm()
       status, detail, output = status_of(e), f"{exc_name(e)}: {e}", None
     if output is not None and _len(output) > max_chars:
       status, detail, output = "error", "output too large", None
-    record = dumps({"status": status, "detail": _str(detail)[:2000]})
-    if output is not None:
-      record = record[:-1] + ', "output": ' + output + "}"
-    emit(f"{nonce} test {i} {record}")
+    detail = hexa(_str(detail)[:2000])
+    emit(f"{nonce} test {i} {status} {detail} {output or '-'}")
   emit(f"{nonce} done")
 
 

@@ -36,6 +36,7 @@ import dataclasses
 import errno
 import functools
 import json
+import marshal
 import math
 import os
 import secrets
@@ -178,7 +179,8 @@ _BLOCKED_SYSCALLS = (
 
 @functools.cache
 def _seccomp_filters() -> tuple[bytes, bytes]:
-  """(base filter loaded by bwrap, execve filter loaded by the harness)."""
+  """(base filter loaded by bwrap, execve filter loaded by the harness),
+  as BPF programs."""
   try:
     import pyseccomp as sc  # host-only dependency; needs libseccomp2
   except (ImportError, OSError) as e:
@@ -303,16 +305,7 @@ class Sandbox:
     anything the program does."""
     limits = limits or self.limits
     base_bpf, exec_bpf = _seccomp_filters()
-    payload = json.dumps(
-      dict(
-        program=job.program,
-        mode=job.mode,
-        tests=[_encode_test(job.mode, t) for t in job.tests],
-        entry_point=job.entry_point,
-        bpf=exec_bpf.hex(),
-        test_timeout_s=limits.test_timeout_s,
-      )
-    ).encode()
+    payload = _job_payload(job, exec_bpf, limits)
     job_fd = _memfd("job", payload)
     seccomp_fd = _memfd("seccomp", base_bpf)
     res_r, res_w = os.pipe()
@@ -370,10 +363,28 @@ def default_workers() -> int:
   return 3 * (os.cpu_count() or 1)
 
 
-def _encode_test(mode: str, test) -> Any:
-  if mode == "call":
-    return json.dumps(list(test))
-  return str(test)
+def _job_payload(job: Job, bpf: bytes, limits: Limits) -> bytes:
+  if job.mode not in ("none", "assert", "call", "stdio"):
+    raise ValueError(f"sandbox: unknown job mode {job.mode!r}")
+  if job.mode == "call":
+    tests = [list(t) for t in job.tests]
+  else:
+    tests = [str(t) for t in job.tests]
+  payload = dict(
+    program=job.program,
+    mode=job.mode,
+    tests=tests,
+    entry_point=job.entry_point,
+    bpf=bpf,
+    test_timeout_s=float(limits.test_timeout_s),
+  )
+  try:
+    return marshal.dumps(payload)
+  except ValueError as e:
+    raise ValueError(
+      f"sandbox: test arguments must be plain data (lists, dicts, str, "
+      f"numbers, None): {e}"
+    ) from e
 
 
 @dataclasses.dataclass
@@ -469,7 +480,8 @@ def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
       if line == "ready":
         ready = True
       elif line.startswith("error ") and top_error is None:
-        top_error = _loads(line[6:]) or {"kind": "error", "detail": line}
+        _, kind, detail = (line.split(" ", 2) + ["", ""])[:3]
+        top_error = {"kind": kind, "detail": _unhex(detail)}
       continue
     if not line.startswith(tag):
       continue  # untagged after ready: printed by the program, ignored
@@ -477,9 +489,18 @@ def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
     if body == "done":
       done = True
     elif body.startswith("test "):
-      idx, _, rec = body[5:].partition(" ")
-      if idx.isdigit() and int(idx) < len(job.tests):
-        results.setdefault(int(idx), _loads(rec) or {"status": "error"})
+      parts = body.split(" ", 4)
+      if len(parts) != 5 or not parts[1].isdigit():
+        continue
+      idx = int(parts[1])
+      if idx < len(job.tests):
+        rec = {"status": parts[2], "detail": _unhex(parts[3])}
+        out = parts[4]
+        if out.startswith("j:"):
+          rec["output"] = _loads(out[2:])
+        elif out.startswith("s:"):
+          rec["output"] = _unhex(out[2:])
+        results.setdefault(idx, rec)
   tests = []
   for i in range(len(job.tests)):
     rec = results.get(i)
@@ -542,10 +563,18 @@ def _cause_of_death(returncode) -> str:
 
 def _loads(text: str):
   try:
-    obj = json.loads(text)
-  except ValueError:
+    return json.loads(text)
+  except (ValueError, RecursionError):
     return None
-  return obj if isinstance(obj, dict) else None
+
+
+def _unhex(text: str) -> str:
+  if text == "-":
+    return ""
+  try:
+    return bytes.fromhex(text).decode("utf-8", "replace")
+  except ValueError:
+    return text
 
 
 def _test_result(job: Job, i: int, rec: dict) -> TestResult:
@@ -559,7 +588,7 @@ def _test_result(job: Job, i: int, rec: dict) -> TestResult:
   expected = _MISSING
   if job.expected is not None and i < len(job.expected):
     expected = job.expected[i]
-  if expected is _MISSING or expected is None:
+  if expected is _MISSING:
     return TestResult("ran", output=output)
   if job.mode == "stdio":
     same = _same_stdout(output, expected)
@@ -577,7 +606,7 @@ def normalize(value: Any) -> Any:
   """The JSON form a value takes on its way out of the sandbox."""
   from k15.rewards import _harness
 
-  return json.loads(json.dumps(value, default=_harness._json_default))
+  return json.loads(json.dumps(value, default=_harness.json_default))
 
 
 def outputs_equal(a: Any, b: Any, tol: float = 1e-9) -> bool:
