@@ -211,6 +211,19 @@ def test_sleep_past_timeout():
   assert time.monotonic() - t0 < 3
 
 
+def test_silent_spinner_with_closed_pipes():
+  prog = (
+    "import os, sys\n"
+    "for fd in (1, 2, int(sys.argv[2])):\n"
+    "  os.close(fd)\n"
+    "while True:\n"
+    "  pass\n"
+  )
+  t0 = time.monotonic()
+  assert run(prog, limits=SHORT).cause == "timeout"
+  assert time.monotonic() - t0 < 3
+
+
 @pytest.mark.parametrize(
   "prog",
   [

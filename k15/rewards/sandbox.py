@@ -5,7 +5,9 @@ Layers, outermost first (each one alone should contain a hostile program):
 1. `prlimit`: address space, CPU seconds, processes, file size, open files.
 2. `setpriv`: when we are root, drop to a fresh unprivileged uid/gid (random
    per run, so concurrent runs never share an RLIMIT_NPROC count or signal
-   each other) with no supplementary groups.
+   each other; with one fixed uid we once saw bwrap fail "Can't fork" under
+   load, probably tasks of just-finished runs still being counted) with no
+   supplementary groups.
 3. `bwrap`: new user, mount, pid, net, ipc, uts and cgroup namespaces; a root
    that holds only read-only /usr (plus the host's /bin, /lib, /lib64
    symlinks), a fresh /proc of the sandbox's own pid namespace, a minimal
@@ -22,10 +24,14 @@ Requirements (all Debian packages): `bubblewrap` (bwrap), `util-linux`
 (setpriv, prlimit), `libseccomp2`, and the system `python3` under /usr; PyPI
 `pyseccomp`. Running as root needs nothing else: bwrap is then started by an
 unprivileged uid and creates its user namespace itself, so the kernel must
-allow unprivileged user namespaces (`user.max_user_namespaces` > 0; on Ubuntu
-also `kernel.apparmor_restrict_unprivileged_userns=0`). When bwrap is missing
-or cannot create its namespaces, every call raises `SandboxUnavailable`;
-there is no unsandboxed fallback.
+allow unprivileged user namespaces: `user.max_user_namespaces` > 0, on
+older Debian kernels `kernel.unprivileged_userns_clone=1`, on Ubuntu 24.04+
+`kernel.apparmor_restrict_unprivileged_userns=0`; inside Docker, a seccomp
+profile that allows `unshare`/`clone` of namespaces (e.g. `--security-opt
+seccomp=unconfined`). Our CI machines (Debian 12, root, kernel 6.x) need only
+`apt-get install bubblewrap`. When bwrap is missing or cannot create its
+namespaces, `check_available()` / `CodeReward()` raise `SandboxUnavailable`
+and tests skip with the reason; there is no unsandboxed fallback.
 
 The sandbox is spawned with plain `subprocess` (no `preexec_fn`), so it is
 safe to call from threads of a process that has JAX loaded.
@@ -443,12 +449,17 @@ def _communicate(proc, res_r, nonce_w, nonce, limits, start) -> _IO:
             break
       if out.killed_for:
         break
+  except BaseException:
+    _kill(proc)
+    raise
   finally:
     sel.close()
-    if out.killed_for or proc.poll() is None:
+    if out.killed_for:
       _kill(proc)
     try:
-      proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+      # All pipes closed: the process is exiting (or hostile and silent);
+      # it gets the rest of its wall-clock budget, never a premature kill.
+      proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
       out.killed_for = out.killed_for or "timeout"
       _kill(proc)
