@@ -92,6 +92,19 @@ def test_run_many_is_ordered():
   assert [r.stdout.strip() for r in res] == [str(i) for i in range(12)]
 
 
+def test_no_fd_or_process_leak():
+  before = len(os.listdir("/proc/self/fd"))
+  jobs = [sandbox.Job("print(1)"), sandbox.Job("import os\nos._exit(3)")] * 10
+  sandbox.Sandbox().run_many(jobs, FAST, workers=4)
+  assert len(os.listdir("/proc/self/fd")) == before
+  children = subprocess.run(
+    ["ps", "--ppid", str(os.getpid()), "-o", "pid="],
+    capture_output=True,
+    text=True,
+  ).stdout.split()
+  assert len(children) <= 1  # only the `ps` itself, if listed
+
+
 def test_missing_bwrap_refuses(monkeypatch):
   sandbox._tools.cache_clear()
   monkeypatch.setattr(sandbox.shutil, "which", lambda *a, **k: None)

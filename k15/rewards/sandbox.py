@@ -328,6 +328,10 @@ class Sandbox:
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         start_new_session=True,
       )
+    except BaseException:
+      os.close(res_r)
+      os.close(nonce_w)
+      raise
     finally:
       for fd in (job_fd, seccomp_fd, res_w, nonce_r):
         os.close(fd)
@@ -336,11 +340,7 @@ class Sandbox:
       io_out = _communicate(proc, res_r, nonce_w, nonce, limits, start)
     finally:
       os.close(res_r)
-      if nonce_w is not None:
-        try:
-          os.close(nonce_w)
-        except OSError:
-          pass
+      os.close(nonce_w)
     wall = time.monotonic() - start
     return _judge(job, nonce, io_out, proc.returncode, wall, limits)
 
