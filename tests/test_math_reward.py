@@ -199,3 +199,9 @@ def test_worker_pool_timeout_crash_error():
 def test_worker_pool_rejects_unpicklable_fn():
   with pytest.raises(Exception, match="pickle|local"):
     workers.WorkerPool(lambda x: x)
+
+
+def test_worker_pool_reports_workers_that_cannot_start():
+  with workers.WorkerPool(int, 1, preload=["k15_no_such_module"]) as pool:
+    with pytest.raises(RuntimeError, match="start-up"):
+      pool.map(["1"], timeout_s=5.0)

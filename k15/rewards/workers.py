@@ -146,41 +146,20 @@ class WorkerPool:
     while len(self._workers) < n:
       self._workers.append(_Worker(self.fn, self.preload))
 
-  def _wait_ready(self, ws: list[_Worker]) -> list[_Worker]:
-    """Workers that finished start-up; dead or hung ones are replaced."""
-    waiting = {w.conn: w for w in ws if not w.ready}
-    deadline = time.monotonic() + self.start_timeout_s
-    while waiting:
-      left = deadline - time.monotonic()
-      ready = multiprocessing.connection.wait(list(waiting), max(0.0, left))
-      if not ready:
-        raise RuntimeError(
-          f"WorkerPool: workers did not start in {self.start_timeout_s}s"
-        )
-      for conn in ready:
-        w = waiting.pop(conn)
-        try:
-          msg = conn.recv()
-        except (EOFError, OSError):
-          msg = None
-        if msg != "ready":
-          raise RuntimeError(
-            f"WorkerPool: a worker died at start-up (exit code "
-            f"{w.proc.wait()}); see its stderr above"
-          )
-        w.ready = True
-    return ws
-
   def map(self, args: Sequence[Any], timeout_s: float) -> list[Outcome]:
     """One `Outcome` per arg, in order; each item gets `timeout_s` seconds
-    from the moment its worker starts on it."""
+    from the moment its worker starts on it (worker start-up, e.g. after a
+    replacement, is not charged to any item)."""
     outcomes: list[Outcome | None] = [None] * len(args)
     if not args:
       return []
     with self._lock:
       self._ensure(min(self.num_workers, len(args)))
-      idle = self._wait_ready(list(self._workers))
       pending = list(range(len(args)))[::-1]
+      idle = [w for w in self._workers if w.ready]
+      starting = {w.conn: w for w in self._workers if not w.ready}
+      for w in starting.values():
+        w.deadline = time.monotonic() + self.start_timeout_s
       busy: dict[Any, _Worker] = {}
 
       def replace(w: _Worker) -> None:
@@ -188,8 +167,9 @@ class WorkerPool:
         self._workers.remove(w)
         self.restarts += 1
         nw = _Worker(self.fn, self.preload)
+        nw.deadline = time.monotonic() + self.start_timeout_s
         self._workers.append(nw)
-        idle.extend(self._wait_ready([nw]))
+        starting[nw.conn] = nw
 
       def start(w: _Worker, i: int) -> None:
         try:
@@ -208,11 +188,26 @@ class WorkerPool:
       while pending or busy:
         while pending and idle:
           start(idle.pop(), pending.pop())
-        if not busy:
-          continue
-        left = min(w.deadline for w in busy.values()) - time.monotonic()
-        ready = multiprocessing.connection.wait(list(busy), max(0.0, left))
+        waiting = {**busy, **starting}
+        left = min(w.deadline for w in waiting.values()) - time.monotonic()
+        ready = multiprocessing.connection.wait(list(waiting), max(0.0, left))
         for conn in ready:
+          if conn in starting:
+            w = starting.pop(conn)
+            try:
+              msg = conn.recv()
+            except (EOFError, OSError):
+              msg = None
+            if msg != "ready":
+              w.kill()
+              self._workers.remove(w)
+              raise RuntimeError(
+                f"WorkerPool: a worker died at start-up (exit code "
+                f"{w.proc.returncode}); see its stderr above"
+              )
+            w.ready = True
+            idle.append(w)
+            continue
           w = busy.pop(conn)
           try:
             idx, (cause, value, detail) = conn.recv()
@@ -224,10 +219,15 @@ class WorkerPool:
           idle.append(w)
         now = time.monotonic()
         for conn, w in list(busy.items()):
-          if w.deadline <= now:
+          if w.deadline <= now and not conn.poll(0):
             del busy[conn]
             outcomes[w.idx] = Outcome("timeout", detail=f"> {timeout_s}s")
             replace(w)
+        for w in starting.values():
+          if w.deadline <= now:
+            raise RuntimeError(
+              f"WorkerPool: a worker did not start in {self.start_timeout_s}s"
+            )
     return outcomes  # type: ignore[return-value]
 
   def close(self) -> None:
