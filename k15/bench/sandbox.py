@@ -9,7 +9,8 @@ Two workloads, each run through `Sandbox.run_many` with several pool sizes
 Every execution is a full fresh sandbox (prlimit, setpriv, bwrap with all
 namespaces, seccomp, the harness). The report's own sandbox starts 120
 containers/s on 16 cores (PAPER.md §5.3); our target is >= 50/s on 2 cores.
-Best of `--repeat` runs; the machine may be shared, so numbers are noisy.
+Best of `--repeat` runs. The machine may be shared: the load average is
+printed, and with other work running the numbers understate capacity.
 """
 
 import argparse
@@ -48,7 +49,9 @@ def main(argv: list[str]) -> None:
   he_jobs = [code.make_job(it, it["prompt"] + it["canonical_solution"])
              for it in items]  # fmt: skip
   box.run_many(trivial[:8])  # warm up (seccomp filters, page cache)
-  print(f"cores: {os.cpu_count()}, default pool: {default} in flight")
+  load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+  print(f"cores: {os.cpu_count()}, default pool: {default} in flight, "
+        f"load average before: {load}")  # fmt: skip
   print(f"{'workers':>8} {'trivial/s':>10} {'humaneval/s':>12} "
         f"{'humaneval ok':>13}")  # fmt: skip
   for w in sizes:
