@@ -53,6 +53,14 @@ def test_extract_formats_are_selectable():
     mr.extract("x", formats=("latex",))
 
 
+def test_item_answer_formats_override(reward):
+  item = dict(answer="3", answer_formats=["boxed"])
+  res = reward([item], ["the answer: 4\nso \\boxed{3}"], [True])[0]
+  assert res.cause == "ok"
+  res = reward([dict(answer="3")], ["the answer: 4\nso \\boxed{3}"], [True])
+  assert res[0].cause == "multiple_answers"
+
+
 def test_unbalanced_box_marks_nothing():
   assert mr.extract(r"\boxed{\frac{1}{2}").cause == "no_answer"
 

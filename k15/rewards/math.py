@@ -197,6 +197,7 @@ def _gold(item: dict[str, Any]) -> str:
 class MathReward:
   """`fn(items, responses, finished) -> list[RewardResult]` for math tasks.
 
+  formats: answer markers that count (an item's "answer_formats" overrides);
   exact_only: skip math-verify (the 'exact' kind for synthetic tasks);
   timeout_s: outer per-item limit on verification (worker killed past it);
   num_workers: verifier processes (default: the machine's cores).
@@ -247,7 +248,8 @@ class MathReward:
       if not done:
         results[i] = RewardResult(0.0, False, "truncated")
         continue
-      ex = extract(response, self.formats, self.max_trailing_chars)
+      formats = item.get("answer_formats", self.formats)
+      ex = extract(response, formats, self.max_trailing_chars)
       info = {"answer": ex.answer, "gold": gold}
       if ex.answer is None:
         info["answers"] = list(ex.answers)
