@@ -229,6 +229,12 @@ def _export(filt) -> bytes:
     os.close(fd)
 
 
+@functools.cache
+def _harness_source() -> bytes:
+  with open(HARNESS, "rb") as f:
+    return f.read()
+
+
 def _memfd(name: str, data: bytes) -> int:
   fd = os.memfd_create(name)
   view = memoryview(data)
@@ -261,7 +267,13 @@ class Sandbox:
   python: str = "/usr/bin/python3"
   limits: Limits = Limits()
 
-  def command(self, limits: Limits, seccomp_fd: int, fds: Sequence[int]):
+  def command(
+    self,
+    limits: Limits,
+    seccomp_fd: int,
+    harness_fd: int,
+    fds: Sequence[int],
+  ) -> list[str]:
     tools = _tools()
     cpu = limits.cpu_s or math.ceil(limits.timeout_s)
     mb = 1 << 20
@@ -296,7 +308,9 @@ class Sandbox:
         "--dev", "/dev",
         "--remount-ro", "/dev",
         "--size", str(limits.tmpfs_mb * mb), "--tmpfs", "/tmp",
-        "--ro-bind", HARNESS, "/harness.py",
+        # Copied in from a memfd: the package may sit where the sandbox
+        # uid cannot read (e.g. under /root).
+        "--ro-bind-data", str(harness_fd), "/harness.py",
         "--chdir", "/tmp",
         "--seccomp", str(seccomp_fd),
         "--remount-ro", "/",
@@ -314,17 +328,18 @@ class Sandbox:
     payload = _job_payload(job, exec_bpf, limits)
     job_fd = _memfd("job", payload)
     seccomp_fd = _memfd("seccomp", base_bpf)
+    harness_fd = _memfd("harness", _harness_source())
     res_r, res_w = os.pipe()
     nonce_r, nonce_w = os.pipe()
     child_fds = (job_fd, res_w, nonce_r)
     start = time.monotonic()
     try:
       proc = subprocess.Popen(
-        self.command(limits, seccomp_fd, child_fds),
+        self.command(limits, seccomp_fd, harness_fd, child_fds),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        pass_fds=(*child_fds, seccomp_fd),
+        pass_fds=(*child_fds, seccomp_fd, harness_fd),
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         start_new_session=True,
       )
@@ -333,7 +348,7 @@ class Sandbox:
       os.close(nonce_w)
       raise
     finally:
-      for fd in (job_fd, seccomp_fd, res_w, nonce_r):
+      for fd in (job_fd, seccomp_fd, harness_fd, res_w, nonce_r):
         os.close(fd)
     nonce = secrets.token_hex(16)
     try:
