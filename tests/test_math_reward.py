@@ -61,6 +61,13 @@ def test_item_answer_formats_override(reward):
   assert res[0].cause == "multiple_answers"
 
 
+def test_hostile_inputs_are_parsed_in_linear_time():
+  # Quadratic scans would take minutes here (these run in the trainer).
+  assert mr.extract("\\boxed{" * 20000 + "x").cause == "no_answer"
+  assert mr.extract("{" * 100000 + "\\boxed{3}").answer == "3"
+  assert mr.extract("\\boxed" + " " * 10**6).cause == "no_answer"
+
+
 def test_unbalanced_box_marks_nothing():
   assert mr.extract(r"\boxed{\frac{1}{2}").cause == "no_answer"
 

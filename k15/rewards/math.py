@@ -36,6 +36,9 @@ _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
 _ANSWER_RE = re.compile(r"\banswer\s*:[ \t]*([^\n]*)", re.IGNORECASE)
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+_MAX_BOX_CHARS = 2000  # a longer \boxed{...} is not an answer
+_TOKEN_RE = re.compile(r"[^\s$.,;]+")
+_SPECIAL_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,33 +51,38 @@ class Extraction:
   answers: tuple[str, ...] = ()
 
 
+def _brace_pairs(text: str) -> dict[int, int]:
+  """Index of each "{" -> its matching "}" (escaped \\{ \\} are text), in one
+  pass over the special characters only: linear even on hostile input."""
+  stack, pairs = [], {}
+  for m in _SPECIAL_RE.finditer(text):
+    c = m.group()
+    if c == "{":
+      stack.append(m.start())
+    elif c == "}" and stack:
+      pairs[stack.pop()] = m.start()
+  return pairs
+
+
 def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
-  """(start, end, content) of each `\\boxed{...}`, braces balanced."""
+  """(start, end, content) of each `\\boxed{...}`, braces balanced; an
+  unbalanced `\\boxed{` marks nothing."""
   spans = []
+  pairs = None
   for m in _BOXED_RE.finditer(text):
     i = m.end()
     while i < len(text) and text[i] in " \t":
       i += 1
     if i < len(text) and text[i] != "{":  # `\boxed 5`: one token
-      tok = re.match(r"[^\s$.,;]+", text[i:])
+      tok = _TOKEN_RE.match(text, i, i + _MAX_BOX_CHARS)
       if tok:
-        spans.append((m.start(), i + tok.end(), tok.group()))
+        spans.append((m.start(), tok.end(), tok.group()))
       continue
-    depth, j = 0, i
-    while j < len(text):
-      c = text[j]
-      if c == "\\":
-        j += 2  # escaped char, e.g. \{ \}: never structural
-        continue
-      if c == "{":
-        depth += 1
-      elif c == "}":
-        depth -= 1
-        if depth == 0:
-          spans.append((m.start(), j + 1, text[i + 1 : j]))
-          break
-      j += 1
-    # an unbalanced \boxed{ marks nothing
+    if pairs is None:
+      pairs = _brace_pairs(text)
+    j = pairs.get(i)
+    if j is not None and j - i <= _MAX_BOX_CHARS:
+      spans.append((m.start(), j + 1, text[i + 1 : j]))
   return spans
 
 
