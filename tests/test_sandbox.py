@@ -310,6 +310,8 @@ def test_unprivileged_inside():
   assert uid != 0 and euid != 0
   res = run("import os\nos.setuid(0)\n")
   assert res.cause == "error"
+  prog = "import resource as r\nr.setrlimit(r.RLIMIT_AS, (-1, -1))\n"
+  assert run(prog).cause == "error"  # hard limits cannot be raised
 
 
 def test_ptrace_mount_unshare_blocked():
