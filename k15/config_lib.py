@@ -58,6 +58,23 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def load_base(path: str, **arg: Any) -> ml_collections.ConfigDict:
+  """Another experiment's config, for files that change only a few fields.
+
+  Ablations build on `load_base("experiments/tiny.py", runlocal=True)` and
+  so follow the base's tuned values as they change. `path` is taken from
+  the repository root (the directory above `k15/`) when it exists there,
+  else as given; `arg` becomes the base's variant string (True -> a bare
+  word, False -> left out, others -> key=value).
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.isabs(path) and os.path.exists(os.path.join(root, path)):
+    path = os.path.join(root, path)
+  parts = [k if v is True else f"{k}={v}" for k, v in arg.items()
+           if v is not False]
+  return load(path, ",".join(parts))
+
+
 def override(cfg: ml_collections.ConfigDict, **flat: Any
              ) -> ml_collections.ConfigDict:
   """override(cfg, **{"rl.tau": 0.1}) with the same checks as the CLI."""
