@@ -74,7 +74,9 @@ def attend(
   Scale 1/sqrt(Dh) is applied here; softmax statistics are float32; the
   output has q's dtype. `mesh` (else the mesh set by `jax.set_mesh`) is
   needed by "ring" (axis "context") and used by "splash" to shard batch and
-  heads.
+  heads. "splash" reads segments but not positions (its masks are static):
+  use it only for self-attention whose positions rise along the sequence
+  within each segment, never for a zigzag layout.
   """
   B, T, H, Dh = q_BxTxHxDh.shape
   Bk, S, K, Dhk = k_BxSxKxDh.shape
@@ -318,9 +320,11 @@ def _fwd_chunk(state, q_blocks, kv_blocks):
 
 
 def _init_state(q_NqxBxQxKxGxDh):
-  Nq, B, Q, K, G, Dh = q_NqxBxQxKxGxDh.shape
-  m = jnp.full((Nq, B, K, G, Q), -jnp.inf, _F32)
-  return m, jnp.zeros_like(m), jnp.zeros((Nq, B, K, G, Q, Dh), _F32)
+  """Empty (m, l, acc). Built from q (zeros_like) so that under a mesh with
+  Explicit axes the state carries q's sharding, as lax.cond requires."""
+  acc = jnp.einsum("nbqkgd->nbkgqd", jnp.zeros_like(q_NqxBxQxKxGxDh, _F32))
+  l = acc[..., 0]
+  return l - jnp.inf, l, acc
 
 
 def _finalize(state, dtype):
@@ -382,7 +386,7 @@ def _bwd_chunk(q_blocks, kv_blocks, dk_NkxBxCxKxDh, dv_NkxBxCxKxDh):
       dq, dk, dv = lax.cond(live, compute, lambda *a: a, dq, dk, dv)
       return dq, (dk, dv, live.astype(jnp.int32))
 
-    dq0 = jnp.zeros(q.shape, _F32)
+    dq0 = jnp.zeros_like(q, _F32)
     dq, (dk_all, dv_all, counts) = lax.scan(
       step, dq0, (*kv_blocks, dk_all, dv_all)
     )
@@ -493,7 +497,7 @@ def _blockwise_bwd(Q, C, res, do_BxTxHxDh):
   do_b = _q_blocks(do_BxTxHxDh, q_pos, q_seg, K, Q)[0]
   out_b = _q_blocks(out, q_pos, q_seg, K, Q)[0]
   kv_blk = _kv_blocks(k, v, kv_pos, kv_seg, C)
-  dkv0 = jnp.zeros(kv_blk[0].shape, _F32)
+  dkv0 = jnp.zeros_like(kv_blk[0], _F32)
   dq, dk, dv, _ = _bwd_chunk(
     (q_b, do_b, lse, _delta(do_b, out_b), pos_b, seg_b, sum_b),
     kv_blk,
@@ -708,8 +712,8 @@ def _make_ring(mesh, n: int, Q: int, C: int, batch, head) -> Callable:
       kv_blk, dk, dv = rotate((kv_blk, dk, dv))
       return (dq + dq_c, kv_blk, dk, dv), None
 
-    dkv0 = jnp.zeros(kv_blk[0].shape, _F32)
-    carry = (jnp.zeros(q_b.shape, _F32), kv_blk, dkv0, dkv0)
+    dkv0 = jnp.zeros_like(kv_blk[0], _F32)
+    carry = (jnp.zeros_like(q_b, _F32), kv_blk, dkv0, dkv0)
     (dq, _, dk, dv), _ = lax.scan(step, carry, None, length=n)
     return (
       _from_blocks(dq).reshape(q.shape).astype(q.dtype),
@@ -852,13 +856,19 @@ def _splash_attention(
     _pad_len(q_seg_BxT, 1, Tp),
     _pad_len(kv_seg_BxS, 1, Tp),
   )
-  if mesh is not None:
-    x_spec, id_spec = P(batch, None, head, None), P(batch, None)
-    local = jax.shard_map(
-      local,
-      mesh=mesh,
-      check_vma=False,
-      in_specs=(x_spec, x_spec, x_spec, id_spec, id_spec),
-      out_specs=x_spec,
+  if mesh is None:
+    return local(*args)[:, :T]
+  x_spec, id_spec = P(batch, None, head, None), P(batch, None)
+  specs = (x_spec,) * 3 + (id_spec,) * 2
+  explicit = _explicit_axes(mesh)
+  if explicit:  # Explicit axes: shard_map wants inputs already laid out.
+    out_spec = jax.typeof(q_BxTxHxDh).sharding.spec
+    args = tuple(
+      _reshard(x, mesh, sp) for x, sp in zip(args, specs, strict=True)
     )
-  return local(*args)[:, :T]
+  out = jax.shard_map(
+    local, mesh=mesh, check_vma=False, in_specs=specs, out_specs=x_spec
+  )(*args)
+  if explicit:
+    out = _reshard(out, mesh, out_spec)
+  return out[:, :T]
