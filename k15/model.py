@@ -177,7 +177,10 @@ class Block(nn.Module):
     D, H, K, Dh, F = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                       cfg.head_dim, cfg.mlp_dim)
     dt, pdt = cfg.jnp_dtype, cfg.param_dtype
-    init = nn.initializers.lecun_normal()
+    # fan-in is D for q/k/v ([D, heads, Dh]) and H*Dh for o ([H, Dh, D]);
+    # the default (in_axis=-2) would take the head count as fan-in.
+    init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    init_o = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
     x_BxTxD = nn.with_logical_constraint(
         x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -188,7 +191,7 @@ class Block(nn.Module):
                 pdt)
     wv = _param(self, "v", init, (D, K, Dh), ("embed", "kv_heads", "head_dim"),
                 pdt)
-    wo = _param(self, "o", init, (H, Dh, D), ("heads", "head_dim", "embed"),
+    wo = _param(self, "o", init_o, (H, Dh, D), ("heads", "head_dim", "embed"),
                 pdt)
     q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", h, wq.astype(dt))
     k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", h, wk.astype(dt))
@@ -223,6 +226,7 @@ class Block(nn.Module):
                                    wo.astype(dt))
 
     h = RMSNorm(cfg, name="mlp_norm")(x_BxTxD)
+    init = nn.initializers.lecun_normal()  # 2-D kernels: [in, out]
     w_gate = _param(self, "gate", init, (D, F), ("embed", "mlp"), pdt)
     w_up = _param(self, "up", init, (D, F), ("embed", "mlp"), pdt)
     w_down = _param(self, "down", init, (F, D), ("mlp", "embed"), pdt)

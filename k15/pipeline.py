@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from k15 import checkpoint as ckpt_lib
@@ -169,8 +170,15 @@ def settings(config: ml_collections.ConfigDict, *, vocab_size: int | None
       cfg, set(_SECTIONS) | {"seed", "stages", "mesh", "name", "init"},
       "config")
   out: dict[str, Any] = {}
+  init = str(cfg.get("init", "") or "")
   for name, cls in _SECTIONS.items():
     section = dict(cfg.get(name) or {})
+    if name == "model" and init:
+      # the architecture comes from the checkpoint; the config keeps the
+      # runtime fields (dtype, remat, attention kernel, max_len, ...)
+      runtime = {k: v for k, v in section.items() if k in _RUNTIME_FIELDS}
+      out[name] = _hf().config_from_hf(init, **runtime)
+      continue
     if name == "model" and vocab_size is not None and not section.get(
         "vocab_size"):
       section["vocab_size"] = _round_up(vocab_size, 8)
@@ -182,9 +190,19 @@ def settings(config: ml_collections.ConfigDict, *, vocab_size: int | None
                        f"(known: {STAGES})")
   mesh = dict(cfg.get("mesh") or {})
   s = Settings(seed=int(cfg.get("seed", 0)), stages=stages, mesh=mesh,
-               init=str(cfg.get("init", "") or ""), **out)
+               init=init, **out)
   _check_combinations(s, vocab_size, num_devices)
   return s
+
+
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention",
+                   "attention_block", "logits_chunk", "max_len")
+
+
+def _hf():
+  from k15 import hf  # noqa: PLC0415 - safetensors only needed with init
+
+  return hf
 
 
 def _round_up(x: int, m: int) -> int:
@@ -260,6 +278,7 @@ class Run:
     self.writer = metrics_lib.MetricWriter(workdir)
     self.sampling = dataclasses.replace(
         s.sampler, stop_tokens=tuple(s.sampler.stop_tokens) or
+        (_hf().eos_token_ids(s.init) if s.init else ()) or
         (self.tok.eos_id,))
     self.shard = lambda tree: sharding.shard_batch(tree, self.mesh)
     self.abstract = train.sharded_abstract_state(s.model, self.tx,
@@ -268,6 +287,8 @@ class Run:
     self.results: dict[str, dict[str, float]] = {}
 
   def _tokenizer(self, s: Settings) -> tokenizer_lib.Tokenizer:
+    if s.init and s.tokenizer.kind == "sentencepiece":
+      return tokenizer_lib.load(s.init)  # the checkpoint's tokenizer.json
     if s.tokenizer.kind == "file":
       return tokenizer_lib.load(s.tokenizer.path)
     if s.tokenizer.kind != "sentencepiece":
@@ -417,10 +438,11 @@ def run_sft_stage(r: Run):
     ck.close()
     return restored[1]["train"]
   if restored is None:
-    state = train.init_state(jax.random.key(s.seed), model=s.model, tx=r.tx,
-                             mesh=r.mesh)
     if s.init:
-      state = _load_init(r, state)
+      state = _load_init(r)
+    else:
+      state = train.init_state(jax.random.key(s.seed), model=s.model,
+                               tx=r.tx, mesh=r.mesh)
     start = 0
   else:
     start, state = restored[0], restored[1]["train"]
@@ -436,15 +458,16 @@ def run_sft_stage(r: Run):
   return state
 
 
-def _load_init(r: Run, state):
-  """Replaces the fresh params with an imported HF checkpoint's."""
-  from k15 import hf  # noqa: PLC0415
-
-  params = hf.import_params(r.s.init, model=r.s.model)
-  params = jax.device_put(params, jax.tree.map(lambda x: x.sharding,
-                                               state.params))
-  return state.replace(params=params,
-                       opt_state=r.sft_tx.init(params))
+def _load_init(r: Run):
+  """A state whose params are an imported HF checkpoint's, placed straight
+  into their shardings (no random init, no full copy on one device)."""
+  params = _hf().import_params(r.s.init, model=r.s.model)
+  shardings = jax.tree.map(lambda x: x.sharding, r.abstract)
+  params = jax.device_put(params, shardings.params)
+  opt_state = jax.jit(r.sft_tx.init, out_shardings=shardings.opt_state)(
+      params)
+  return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=opt_state)
 
 
 def _need_sft_state(r: Run, sft_state):
