@@ -3,6 +3,11 @@
 Flags become a locked config (unknown `--config.a.b=...` overrides fail);
 multi-host runs initialise `jax.distributed` first; the rest is
 `k15.pipeline.run`, which notebooks and tests import directly.
+
+`--dry_run [--dry_run.hbm_gib=95] [--dry_run.devices=64]` checks the config
+against a pod instead of training (`k15.plan`): it compiles the update step
+and the sampler for the config's mesh on fake CPU devices, prints per-device
+memory and FLOPs, and exits 1 when a program needs more than hbm_gib.
 """
 
 import os
@@ -26,7 +31,23 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", int(os.environ.get("K15_PROCESS_ID", "0")),
     "This process's index in a multi-host run.")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Plan the config on fake CPU devices (k15.plan): "
+    "per-device memory and FLOPs; no training, nothing allocated.")
+# absl accepts dots in flag names, so the dotted spelling is the flag itself;
+# --dry_run_hbm_gib is an alias for shells and tools that dislike dots.
+_DRY_RUN_HBM = flags.DEFINE_float(
+    "dry_run.hbm_gib", None, "With --dry_run: per-device memory in GiB; exit "
+    "1 when a program needs more (default: only report).")
+flags.DEFINE_alias("dry_run_hbm_gib", "dry_run.hbm_gib")
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+    "dry_run.devices", None, "With --dry_run: mesh size (default: the mesh's "
+    "product, or 64 when an axis is -1).")
+flags.DEFINE_alias("dry_run_devices", "dry_run.devices")
+flags.mark_flags_as_required(["config"])
+flags.register_multi_flags_validator(
+    ["workdir", "dry_run"], lambda f: f["workdir"] is not None or f["dry_run"],
+    "--workdir is required (except with --dry_run)")
 
 
 def main(argv):
@@ -35,6 +56,14 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   import jax  # noqa: PLC0415 - after flags, so XLA_FLAGS set by a launcher apply
 
+  if _DRY_RUN.value:
+    from k15 import plan  # noqa: PLC0415
+
+    try:
+      sys.exit(plan.main(_CONFIG.value, hbm_gib=_DRY_RUN_HBM.value,
+                         num_devices=_DRY_RUN_DEVICES.value))
+    except (ValueError, TypeError, KeyError) as e:
+      sys.exit(f"k15: error: {e}")
   if _NUM_PROCESSES.value > 1:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)

@@ -1,0 +1,169 @@
+"""The pod dry run plans small configs on the 8 fake devices, with numbers
+checked against independent arithmetic, and fails loudly when over HBM."""
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k15 import config_lib, plan, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "experiments", "tiny.py")
+
+
+def _config(mesh: dict, attention: str):
+  cfg = config_lib.load(TINY, "runlocal")
+  cfg.model.update(
+    vocab_size=64,
+    attention=attention,
+    attention_block=16,
+    logits_chunk=32,
+    remat="full",
+  )
+  cfg.rollout.update(
+    k=4, prompts_per_iter=4, prompt_len=16, budget=32, max_len=48, gen_rows=8
+  )
+  cfg.rl.update(num_minibatches=2)
+  cfg.mesh = mesh
+  return cfg
+
+
+def _expected_bytes_per_device(model, tx, mesh) -> tuple[int, int]:
+  """(params, optimizer) bytes per device from logical names and RULES,
+  without NamedSharding: each dim is split by the sizes of its mesh axes."""
+  rules = dict(sharding.RULES)
+  # ring attention cannot trace init outside a mesh; shapes do not care
+  boxed = train.abstract_state(
+    dataclasses.replace(model, attention="dense"), tx
+  )
+
+  def per_device(tree):
+    total = 0
+    leaves = jax.tree.leaves(
+      tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
+    for leaf in leaves:
+      names = getattr(leaf, "names", None) or ()
+      x = nn.unbox(leaf)
+      factor = 1
+      for name in names:
+        axes = rules.get(name)
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        factor *= math.prod(mesh.shape[a] for a in axes)
+      total += x.size * jnp.dtype(x.dtype).itemsize // factor
+    return total
+
+  return per_device(boxed.params), per_device(boxed.opt_state)
+
+
+@pytest.fixture(scope="module")
+def plan_tp():
+  cfg = _config(dict(data=2, fsdp=2, tensor=2, context=1), "blockwise")
+  return cfg, plan.plan(cfg)
+
+
+@pytest.fixture(scope="module")
+def plan_cp():
+  cfg = _config(dict(data=2, fsdp=1, tensor=1, context=4), "ring")
+  return cfg, plan.plan(cfg)
+
+
+@pytest.mark.parametrize("which", ["plan_tp", "plan_cp"])
+def test_param_optimizer_and_cache_bytes(which, request):
+  cfg, p = request.getfixturevalue(which)
+  mesh = sharding.make_mesh(cfg.mesh.to_dict())
+  assert p.num_devices == 8 and p.mesh == dict(mesh.shape)
+  tx = train.make_optimizer(train.OptimConfig())
+  want_p, want_o = _expected_bytes_per_device(p.model, tx, mesh)
+  upd, pre, dec = p.phases
+  for ph in p.phases:
+    assert ph.params == want_p
+    assert ph.optimizer == want_o
+  # Adam: two moments the size of the params, plus a few scalars.
+  assert 2 * want_p <= want_o < 2 * want_p + 64
+  # fsdp x tensor split the weights (data and context replicate them)
+  split = mesh.shape["fsdp"] * mesh.shape["tensor"]
+  total_p = p.model.num_params() * 4
+  assert total_p / split <= want_p < 1.5 * total_p / split
+  # KV cache: [L, B, S, K, Dh] k and v in f32 plus int32 pos/seg [B, S];
+  # k/v are split over all 8 devices (batch x heads or batch x length).
+  m, r = p.model, cfg.rollout
+  kv = 2 * m.num_layers * r.gen_rows * r.max_len * m.num_kv_heads
+  kv *= m.head_dim * 4
+  ids = 2 * r.gen_rows * r.max_len * 4
+  assert kv / 8 + ids / 8 <= pre.kv_cache <= kv / 8 + ids / 4
+  assert dec.kv_cache == pre.kv_cache
+  assert upd.kv_cache == 0
+  for ph in p.phases:
+    assert ph.temp > 0
+    assert ph.total == sum(v for _, v in plan._rows(ph))
+
+
+@pytest.mark.parametrize("which", ["plan_tp", "plan_cp"])
+def test_flops_are_plausible(which, request):
+  _, p = request.getfixturevalue(which)
+  upd, pre, dec = p.phases
+  # counted adds remat's second forward and block pairs causal skipping
+  # would drop; at these sizes it stays within a small factor of 6N*tokens.
+  assert upd.flops_analytic <= upd.flops_counted < 4 * upd.flops_analytic
+  assert pre.flops_analytic <= pre.flops_counted < 8 * pre.flops_analytic
+  # ring pads decode's single query token to one per context device
+  assert dec.flops_analytic <= dec.flops_counted < 3 * dec.flops_analytic
+
+
+def test_over_hbm_exits_nonzero_and_names_the_program(plan_tp, capsys):
+  _, p = plan_tp
+  assert plan.report(p, hbm_gib=None) == 0
+  assert plan.report(p, hbm_gib=100.0) == 0
+  biggest = max(p.phases, key=lambda ph: ph.total)
+  limit = (biggest.total - 1) / plan.GiB
+  assert plan.report(p, hbm_gib=limit) == 1
+  err = capsys.readouterr().err
+  assert f"does not fit: {biggest.name} needs" in err
+  assert "activations + temp" in err
+
+
+def test_count_flops_multiplies_scans_and_takes_dearer_branch():
+  def f(w_LxDxD, x_BxD):
+    def body(x, w):
+      y = jax.lax.cond(x.sum() > 0, lambda: x @ w @ w, lambda: x)
+      return y, None
+
+    return jax.lax.scan(body, x_BxD, w_LxDxD)[0]
+
+  L, B, D = 5, 3, 4
+  jaxpr = jax.make_jaxpr(f)(np.zeros((L, D, D)), np.zeros((B, D)))
+  assert plan.count_flops(jaxpr, 1) == L * 2 * (2 * B * D * D)
+  assert plan.count_flops(jaxpr, 2) == L * 2 * B * D * D
+
+
+def test_main_dry_run_in_a_subprocess(tmp_path):
+  """`k15.main --dry_run` re-runs itself with fake devices; exit 1 + message
+  when over `--dry_run.hbm_gib`, 0 without a limit."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one device here: the planner must re-run
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [
+    sys.executable,
+    "-m",
+    "k15.main",
+    f"--config={TINY}:runlocal",
+    "--dry_run",
+    "--dry_run.devices=2",
+    "--dry_run_hbm_gib=0.0001",
+  ]
+  out = subprocess.run(
+    cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "re-running with 2 fake CPU devices" in out.stdout
+  assert "per device" in out.stdout and "update_step" in out.stdout
+  assert "does not fit" in out.stderr
