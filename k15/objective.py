@@ -256,6 +256,8 @@ def loss(
   w_B = w_B.astype(jnp.float32)
   # Padding rows may hold anything (even -inf): mask them out entirely.
   mask_BxT = batch["loss_mask_BxT"].astype(bool) & (w_B > 0)[:, None]
+  # where, not multiply: 0 * nan is nan, so junk advantages must go too.
+  adv_B = jnp.where(w_B > 0, adv_B, 0.0)
   n_real = jnp.maximum(w_B.sum(), 1.0)
   wmean = lambda x_B: (w_B * x_B).sum() / n_real
 
