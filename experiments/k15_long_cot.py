@@ -37,8 +37,11 @@ def get_config(arg=None):
   c.sampler = dict(temperature=1.0, top_k=0, top_p=1.0)
   # our choices: the report gives k, the budget and batch sizes only as
   # symbols (PAPER.md §10)
+  # gen_rows: a 128k bf16 KV cache of 256 rows is 28 GiB per device on this
+  # mesh, and decode holds it twice (layer scan xs -> ys): 512 rows needed
+  # 117 GiB, over a 95 GiB v5p chip (`--dry_run`, see k15/plan.py).
   c.rollout = dict(k=8, prompts_per_iter=64, prompt_len=4096, budget=16_384,
-                   max_len=131_072, gen_rows=512)
+                   max_len=131_072, gen_rows=256)
   c.rl = dict(iterations=200, loss="mirror_descent", tau=0.1,
               baseline="mean", num_minibatches=8, epochs=1,
               reset_optimizer=True)
