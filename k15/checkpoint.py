@@ -2,18 +2,25 @@
 
 A checkpoint has two items: `state` (the TrainState pytree plus any numpy
 arrays of host state, e.g. per-prompt success statistics) and `host` (JSON:
-stage, iteration, counters, schedule positions). Orbax writes into a
-temporary directory and renames it when complete, so a half-written
-checkpoint is never picked up; saves are asynchronous and the manager keeps
-the newest `keep`. Restore falls back to the previous step when the newest
-is unreadable, and reports it; a shape mismatch with the config names the
-parameter. Nothing here ever deletes a checkpoint except orbax's keep policy
-after a successful save.
+stage, iteration, counters, results). Saves are asynchronous; orbax writes a
+step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
+save interrupted by a crash is never picked up (the leftover directory is
+reported and removed when the next run opens the manager). The manager keeps
+the newest `keep` steps.
+
+Restore checks the saved tree against the config first: a parameter whose
+shape or dtype differs, or that only one side has, fails with its path (the
+checkpoint was written with another config; nothing is touched). A step that
+is unreadable (corrupt or partial files) is reported and the previous step is
+used; the unreadable one is moved to `<directory>.unreadable/` so that the
+resumed run can write that step again. Nothing here deletes a checkpoint
+except orbax's keep policy after a successful save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 from typing import Any
@@ -22,6 +29,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from k15 import faults
+
+_TMP = ".orbax-checkpoint-tmp"
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -29,24 +40,63 @@ class CheckpointConfig:
   keep: int = 3
   async_save: bool = True
 
+  def __post_init__(self):
+    if self.every < 1:
+      raise ValueError(f"ckpt.every={self.every}: must be >= 1")
+    if self.keep < 1:
+      raise ValueError(
+        f"ckpt.keep={self.keep}: must be >= 1 (the newest "
+        "checkpoint is what a restart resumes from)"
+      )
 
-class CheckpointError(RuntimeError):
-  pass
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used; the message names file and field."""
+
+
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  # Registered up front so a fresh process can read item metadata (shapes)
+  # before it restores anything.
+  reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for item, save, restore in (
+    ("state", ocp.args.StandardSave, ocp.args.StandardRestore),
+    ("host", ocp.args.JsonSave, ocp.args.JsonRestore),
+  ):
+    reg.add(item, save)
+    reg.add(item, restore)
+  return reg
 
 
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for (state, host) items."""
 
-  def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig()):
+  def __init__(
+    self, directory: str, cfg: CheckpointConfig = CheckpointConfig()
+  ):
     self.directory = os.path.abspath(directory)
     parent = os.path.dirname(self.directory)
     if not os.path.isdir(parent):
-      raise FileNotFoundError(f"checkpoint: parent directory {parent} does "
-                              "not exist")
+      raise FileNotFoundError(
+        f"checkpoint: parent directory {parent} does not exist"
+      )
+    stale = sorted(glob.glob(os.path.join(self.directory, f"*{_TMP}*")))
+    if stale and jax.process_index() == 0:
+      logging.warning(
+        "checkpoint: removing %d half-written checkpoint(s) left by an "
+        "interrupted save (never used): %s",
+        len(stale),
+        ", ".join(os.path.basename(p) for p in stale),
+      )
     self._mngr = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
-            create=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep,
+        enable_async_checkpointing=cfg.async_save,
+        create=True,
+        cleanup_tmp_directories=True,
+      ),
+      handler_registry=_registry(),
+    )
 
   def steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
@@ -54,11 +104,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, step: int, state: Any, host: dict, *, force: bool = True
-           ) -> None:
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)),
-                    force=force)
+  def save(self, step: int, state: Any, host: dict) -> None:
+    """Starts an async save of `step`; `wait`/`close` block until written."""
+    self._mngr.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host)
+      ),
+      force=True,
+    )
+    faults.point(
+      os.path.basename(self.directory), step, "save", ckpt_dir=self.directory
+    )
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -67,37 +124,77 @@ class Checkpointer:
     self._mngr.wait_until_finished()
     self._mngr.close()
 
-  def restore(self, abstract_state: Any, step: int | None = None
-              ) -> tuple[int, Any, dict] | None:
+  def restore(
+    self, abstract_state: Any, step: int | None = None
+  ) -> tuple[int, Any, dict] | None:
     """(step, state, host) of `step` or the newest readable checkpoint.
 
     `abstract_state`: a pytree of jax.ShapeDtypeStruct (with shardings) or
     arrays, giving the structure, shapes and placement to restore into.
-    Returns None when there is no checkpoint at all.
+    Returns None when there is no checkpoint at all. Raises CheckpointError
+    when the checkpoint does not match `abstract_state` or none is readable.
     """
     steps = self.steps() if step is None else [step]
     if not steps:
       return None
     target = jax.tree.map(_abstract, abstract_state)
-    errors = []
+    unreadable: list[tuple[int, str]] = []
     for s in reversed(steps):
       try:
-        _check_shapes(self._mngr.item_metadata(s), target, self.directory, s)
-        out = self._mngr.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            host=ocp.args.JsonRestore()))
-        if errors:
-          logging.warning("checkpoint: restored step %d after skipping "
-                          "unreadable newer ones: %s", s, "; ".join(errors))
-        return s, out["state"], out["host"]
-      except CheckpointError:
-        raise
+        meta = self._mngr.item_metadata(s)
+        saved = meta["state"] if meta is not None else None
       except Exception as e:  # noqa: BLE001 - report and fall back
-        msg = f"step {s} in {self.directory} is unreadable ({e!r:.300})"
-        logging.error("checkpoint: %s", msg)
-        errors.append(msg)
-    raise CheckpointError("checkpoint: no readable checkpoint: "
-                          + "; ".join(errors))
+        saved, why = None, e
+      else:
+        why = None
+      if saved is None:
+        unreadable.append((s, f"no readable metadata ({why!r:.300})"))
+        continue
+      _check_compatible(saved, target, self.directory, s)
+      try:
+        out = self._mngr.restore(
+          s,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()
+          ),
+        )
+        host = out["host"]
+        if not isinstance(host, dict):
+          raise TypeError(f"host item is {type(host).__name__}, not a dict")
+      except Exception as e:  # noqa: BLE001 - report and fall back
+        unreadable.append((s, repr(e)[:300]))
+        continue
+      if unreadable:
+        self._set_aside(unreadable, s)
+      return s, out["state"], host
+    raise CheckpointError(
+      f"checkpoint: no readable checkpoint in {self.directory}: "
+      + "; ".join(f"step {s}: {why}" for s, why in unreadable)
+      + ". Nothing was changed; move the directory aside to start this "
+      "stage afresh."
+    )
+
+  def _set_aside(self, unreadable: list[tuple[int, str]], used: int) -> None:
+    """Moves unreadable newer steps out of the manager's view (kept)."""
+    aside = self.directory + ".unreadable"
+    for s, why in unreadable:
+      dest = os.path.join(aside, str(s))
+      n = 1
+      while os.path.exists(dest):
+        dest, n = os.path.join(aside, f"{s}.{n}"), n + 1
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        os.rename(os.path.join(self.directory, str(s)), dest)
+      logging.error(
+        "checkpoint: step %d in %s is unreadable (%s); resuming from step "
+        "%d. The unreadable step was moved to %s.",
+        s,
+        self.directory,
+        why,
+        used,
+        dest,
+      )
+    self._mngr.reload()
 
 
 def _abstract(x):
@@ -109,29 +206,46 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _check_shapes(metadata, target, directory: str, step: int) -> None:
-  """Raises naming the first array whose saved shape differs from config."""
-  try:
-    saved = metadata["state"]
-  except (KeyError, TypeError):
-    return
-  if saved is None:
-    return
+def _check_compatible(saved, target, directory: str, step: int) -> None:
+  """Raises naming the first array whose saved shape/dtype differs."""
   flat_saved = dict(_flatten(saved))
-  for path, want in _flatten(target):
+  flat_target = dict(_flatten(target))
+  where = f"checkpoint step {step} in {directory} does not match the config"
+  fix = (
+    "; it was written with a different config (use another --workdir "
+    "or the original config). Nothing was changed."
+  )
+  for path, want in flat_target.items():
     got = flat_saved.get(path)
-    shape = getattr(got, "shape", None)
-    if got is not None and shape is not None and tuple(shape) != tuple(
-        want.shape):
+    if got is None:
       raise CheckpointError(
-          f"checkpoint step {step} in {directory} does not match the config: "
-          f"{path} has shape {tuple(shape)} in the checkpoint but "
-          f"{tuple(want.shape)} in the model")
+        f"{where}: {path} is missing from the checkpoint{fix}"
+      )
+    shape = getattr(got, "shape", None)
+    if shape is not None and tuple(shape) != tuple(want.shape):
+      raise CheckpointError(
+        f"{where}: {path} has shape {tuple(shape)} in the checkpoint but "
+        f"{tuple(want.shape)} in the config{fix}"
+      )
+    dtype = getattr(got, "dtype", None)
+    if dtype is not None and np.dtype(dtype) != np.dtype(want.dtype):
+      raise CheckpointError(
+        f"{where}: {path} has dtype {np.dtype(dtype)} in the checkpoint "
+        f"but {np.dtype(want.dtype)} in the config{fix}"
+      )
+  extra = sorted(set(flat_saved) - set(flat_target))
+  top = {p.split("/")[0] for p in flat_target}
+  extra = [p for p in extra if p.split("/")[0] in top]
+  if extra:
+    raise CheckpointError(
+      f"{where}: {extra[0]} is in the checkpoint but not in the config{fix}"
+    )
 
 
 def _flatten(tree) -> list[tuple[str, Any]]:
   leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    tree, is_leaf=lambda x: hasattr(x, "shape")
+  )[0]
   return [("/".join(_key(k) for k in path), leaf) for path, leaf in leaves]
 
 

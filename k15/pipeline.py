@@ -36,6 +36,7 @@ from k15 import (
   curriculum,
   data,
   evaluate,
+  faults,
   objective,
   rl,
   rollout,
@@ -183,13 +184,23 @@ def settings(config: ml_collections.ConfigDict, *, vocab_size: int | None
         "vocab_size"):
       section["vocab_size"] = _round_up(vocab_size, 8)
     out[name] = config_lib.to_dataclass(cls, section, name)
-  stages = tuple(cfg.get("stages", ("sft", "rl")))
+  stages = cfg.get("stages", ("sft", "rl"))
+  if isinstance(stages, str) or not isinstance(stages, (tuple, list)):
+    raise TypeError(f"config field stages={stages!r} should be a tuple of "
+                    f"stage names from {STAGES}")
+  stages = tuple(stages)
   for s in stages:
     if s not in STAGES:
       raise ValueError(f"config: unknown stage {s!r} in config.stages "
                        f"(known: {STAGES})")
   mesh = dict(cfg.get("mesh") or {})
-  s = Settings(seed=int(cfg.get("seed", 0)), stages=stages, mesh=mesh,
+  for axis, n in mesh.items():
+    if not isinstance(n, int) or isinstance(n, bool):
+      raise TypeError(f"config field mesh.{axis}={n!r} should be int")
+  seed = cfg.get("seed", 0)
+  if not isinstance(seed, int) or isinstance(seed, bool):
+    raise TypeError(f"config field seed={seed!r} should be int")
+  s = Settings(seed=seed, stages=stages, mesh=mesh,
                init=init, **out)
   _check_combinations(s, vocab_size, num_devices)
   return s
@@ -209,7 +220,23 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+# Fields that size loops, batches or divisors: 0 would divide by zero or
+# silently do nothing.
+_POSITIVE = ("rollout.k", "rollout.prompts_per_iter", "rollout.prompt_len",
+             "rollout.budget", "rollout.max_len", "rollout.gen_rows",
+             "rl.num_minibatches", "rl.epochs", "rl.max_consecutive_skips",
+             "sft.batch_size", "eval.num_samples")
+_NON_NEGATIVE = ("rl.iterations", "sft.steps", "task.num_sft", "task.num_rl",
+                 "task.num_eval")
+
+
 def _check_combinations(s: Settings, vocab_size, num_devices) -> None:
+  for names, low in ((_POSITIVE, 1), (_NON_NEGATIVE, 0)):
+    for name in names:
+      section, field = name.split(".")
+      value = getattr(getattr(s, section), field)
+      if value < low:
+        raise ValueError(f"config: {name}={value} must be >= {low}")
   r = s.rollout
   if r.budget + r.prompt_len > r.max_len:
     raise ValueError(
@@ -256,9 +283,11 @@ class Run:
     if not os.path.isdir(parent):
       raise FileNotFoundError(
           f"--workdir {workdir}: parent directory {parent} does not exist")
+    # Validate before anything is written or trained (the tokenizer's
+    # vocabulary is checked once it exists).
+    pre = settings(config, num_devices=jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     self.workdir = workdir
-    pre = settings(config)  # validate before the tokenizer is trained
     self.task = tasks.get(pre.task.name)
     self.tok = self._tokenizer(pre)
     self.s = settings(config, vocab_size=self.tok.vocab_size,
@@ -337,25 +366,33 @@ def _install_sigterm(run: Run):
     pass
 
 
+def _run_stages(r: Run) -> None:
+  sft_state = None
+  for stage in r.s.stages:
+    if r.preempted:  # signalled during the previous stage's final eval
+      raise _Preempted
+    if stage == "sft":
+      sft_state = run_sft_stage(r)
+    elif stage == "rl":
+      rl.run_rl_stage(r, sft_state)
+    elif stage == "control":
+      run_control_stage(r, sft_state)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every configured stage; returns the summary."""
   r = Run(config, workdir)
   _install_sigterm(r)
   logging.info("k15: %d params, mesh %s, stages %s",
                r.s.model.num_params(), dict(r.mesh.shape), r.s.stages)
-  sft_state = None
   try:
-    for stage in r.s.stages:
-      if stage == "sft":
-        sft_state = run_sft_stage(r)
-      elif stage == "rl":
-        rl.run_rl_stage(r, sft_state)
-      elif stage == "control":
-        run_control_stage(r, sft_state)
+    _run_stages(r)
   except _Preempted:
     logging.warning("k15: preempted (SIGTERM); checkpoint saved, exiting")
     r.writer.close()
     return {"preempted": True}
+  if r.preempted:
+    logging.warning("k15: SIGTERM after the last stage; the run is complete")
   summary = write_summary(r)
   r.writer.close()
   return summary
@@ -371,11 +408,30 @@ def _save(ck: ckpt_lib.Checkpointer, step: int, tree, host) -> None:
   ck.save(step, tree, host)
 
 
+def _periodic_save(r: Run, ck: ckpt_lib.Checkpointer, stage: str, step: int,
+                   *, last: bool, every: int, tree, **host_extra) -> None:
+  """Saves every `every` steps, and on SIGTERM (the next safe point) saves
+  and stops the run. Never at the stage's last step: its evaluation and the
+  final (done) checkpoint follow, and a step is written only once."""
+  if last or not (step % every == 0 or r.preempted):
+    return
+  ck.save(step, tree, _host_state(stage, step, False, r, **host_extra))
+  if r.preempted:
+    ck.close()
+    raise _Preempted
+
+
 def _restore_or(r: Run, stage: str, ck: ckpt_lib.Checkpointer, extra_abs
                 ) -> tuple[int, Any, dict] | None:
-  """Restores {train, **extra} of `stage`, or None when it has none."""
+  """Restores {train, **extra} of `stage`, or None when it has none.
+
+  Either way metrics.jsonl loses the records a killed run wrote past the
+  point this run continues from (all of `stage`'s when it starts afresh),
+  so the rerun writes each record exactly once.
+  """
   out = ck.restore(dict(train=r.abstract, **extra_abs))
   if out is None:
+    r.writer.truncate(stage, 0)
     return None
   step, tree, host = out
   r.results.update(host.get("results", {}))
@@ -384,17 +440,21 @@ def _restore_or(r: Run, stage: str, ck: ckpt_lib.Checkpointer, extra_abs
   return step, tree, host
 
 
-def _check_skips(stage: str, skips: int, limit: int, ck) -> None:
+def _check_skips(stage: str, step: int, skips: int, limit: int, ck) -> None:
+  """Stops the run after `limit` consecutive skipped (non-finite) updates."""
   if skips >= limit:
     ck.wait()
     raise FloatingPointError(
-        f"{stage}: {skips} consecutive updates had a non-finite loss or "
-        f"gradient; stopping. The last good checkpoint in {ck.directory} "
-        "is intact.")
+        f"{stage} step {step}: {skips} consecutive updates had a non-finite "
+        f"loss or gradient (limit rl.max_consecutive_skips={limit}); "
+        f"stopping. The last good checkpoint (step {ck.latest_step()}) in "
+        f"{ck.directory} is intact; a rerun resumes from it.")
 
 
 def _sft_loop(r: Run, stage: str, state, start: int, steps: int,
-              ck: ckpt_lib.Checkpointer, seed_offset: int, every: int):
+              ck: ckpt_lib.Checkpointer, seed_offset: int, every: int,
+              skips: int = 0):
+  """Supervised steps start..steps-1 (batch i is a pure function of i)."""
   s = r.s
   examples = r.sft_examples()
   longest = max(len(e[1]) for e in examples)
@@ -405,26 +465,21 @@ def _sft_loop(r: Run, stage: str, state, start: int, steps: int,
                        s.rollout.max_len - s.rollout.prompt_len),
       pad_id=r.tok.pad_id, seed=s.seed + seed_offset)
   bar = metrics_lib.Progress(steps, stage, initial=start)
-  skips = 0
   t0 = time.time()
   for step in range(start, steps):
     batch = r.shard(data.process_slice(ds[step]))
     state, m = train.sft_step(state, batch, model=s.model, tx=r.sft_tx)
+    faults.point(stage, step + 1, "update")
     m = jax.device_get(m)
     skips = skips + 1 if m["skipped"] else 0
-    _check_skips(stage, skips, s.rl.max_consecutive_skips, ck)
     dt = time.time() - t0
     t0 = time.time()
     r.writer.write(stage, step + 1, {**m, "step_time": dt,
                                      "tokens_per_s": m["tokens"] / dt})
+    _check_skips(stage, step + 1, skips, s.rl.max_consecutive_skips, ck)
     bar.update(1, loss=float(m["loss"]))
-    last = step + 1 == steps
-    if (step + 1) % every == 0 and not last or r.preempted:
-      _save(ck, step + 1, dict(train=state), _host_state(stage, step + 1,
-                                                         False, r))
-      if r.preempted:
-        ck.close()
-        raise _Preempted
+    _periodic_save(r, ck, stage, step + 1, last=step + 1 == steps,
+                   every=every, tree=dict(train=state), skips=skips)
   bar.close()
   return state
 
@@ -443,11 +498,13 @@ def run_sft_stage(r: Run):
     else:
       state = train.init_state(jax.random.key(s.seed), model=s.model,
                                tx=r.tx, mesh=r.mesh)
-    start = 0
+    start, skips = 0, 0
   else:
     start, state = restored[0], restored[1]["train"]
+    skips = restored[2].get("skips", 0)
   state = _sft_loop(r, "sft", state, start, s.sft.steps, ck, 0,
-                    every=max(s.sft.steps // 4, 1))
+                    every=max(s.sft.steps // 4, 1), skips=skips)
+  faults.point("sft", s.sft.steps, "eval")
   r.results["sft"] = r.evaluate(state.params, "sft")
   r.writer.write("eval", 0, {f"sft/{k}": v for k, v in
                              r.results["sft"].items()})
@@ -494,11 +551,13 @@ def run_control_stage(r: Run, sft_state):
     ck.close()
     return
   if restored is None:
-    state, start = _need_sft_state(r, sft_state), 0
+    state, start, skips = _need_sft_state(r, sft_state), 0, 0
   else:
     start, state = restored[0], restored[1]["train"]
+    skips = restored[2].get("skips", 0)
   state = _sft_loop(r, "control", state, start, steps, ck, 1,
-                    every=max(steps // 4, 1))
+                    every=max(steps // 4, 1), skips=skips)
+  faults.point("control", steps, "eval")
   r.results["control"] = r.evaluate(state.params, "control")
   r.writer.write("eval", 0, {f"control/{k}": v for k, v in
                              r.results["control"].items()})

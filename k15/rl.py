@@ -16,7 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k15 import curriculum, evaluate, objective, pipeline, rollout, train
+from k15 import (
+  curriculum,
+  evaluate,
+  faults,
+  objective,
+  pipeline,
+  rollout,
+  train,
+)
 from k15 import metrics as metrics_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
@@ -37,28 +45,26 @@ def run_rl_stage(r, sft_state):
   if restored is None:
     # a copy: updates donate their input, and control starts from SFT too
     state = jax.tree.map(jnp.copy, pipeline._need_sft_state(r, sft_state))
-    start = 0
+    start, skips = 0, 0
   else:
-    start, tree, _ = restored
+    start, tree, host = restored
     state = tree["train"]
     prompt_sampler.load_state_dict(
         {k: np.asarray(v) for k, v in tree["sampler"].items()})
+    skips = host.get("skips", 0)
   bar = metrics_lib.Progress(s.rl.iterations, "rl", initial=start)
-  skips = 0
   for it in range(start, s.rl.iterations):
     state, m, skips = rl_iteration(r, state, it, prompt_sampler, skips)
-    pipeline._check_skips("rl", skips, s.rl.max_consecutive_skips, ck)
     r.writer.write("rl", it + 1, m)
+    pipeline._check_skips("rl", it + 1, skips, s.rl.max_consecutive_skips,
+                          ck)
     bar.update(1, acc=m["accuracy"], len=m["response_length"])
-    last = it + 1 == s.rl.iterations
-    if ((it + 1) % s.ckpt.every == 0 and not last) or r.preempted:
-      pipeline._save(ck, it + 1, dict(train=state,
-                             sampler=prompt_sampler.state_dict()),
-            pipeline._host_state("rl", it + 1, False, r))
-      if r.preempted:
-        ck.close()
-        raise pipeline._Preempted
+    pipeline._periodic_save(
+        r, ck, "rl", it + 1, last=it + 1 == s.rl.iterations,
+        every=s.ckpt.every, skips=skips,
+        tree=dict(train=state, sampler=prompt_sampler.state_dict()))
   bar.close()
+  faults.point("rl", s.rl.iterations, "eval")
   r.results["rl"] = r.evaluate(state.params, "rl")
   r.writer.write("eval", 0, {f"rl/{k}": v for k, v in
                              r.results["rl"].items()})
@@ -86,6 +92,7 @@ def rl_iteration(r, state, it: int, prompt_sampler, skips: int):
                           sampling=r.sampling, gen=s.gen, pad_id=r.tok.pad_id,
                           shard_fn=r.shard)
   t_gen = time.time() - t_start
+  faults.point("rl", it + 1, "rollout")
   answers = [p.answer for p in problems for _ in range(K)]
   correct_PxK = evaluate.score_responses(r.tok, gens, answers,
                                          r.task.verify).reshape(P, K)
@@ -129,9 +136,12 @@ def rl_iteration(r, state, it: int, prompt_sampler, skips: int):
     perm = order_rng.permutation(len(rows))
     for j in range(M):
       sel = perm[j * mb:(j + 1) * mb]
-      mbatch = r.shard({k: v[sel] for k, v in batch.items()})
-      state, m = train.update_step(state, mbatch, model=s.model, tx=r.tx,
-                                   loss_cfg=s.loss)
+      mbatch = {k: v[sel] for k, v in batch.items()}
+      if faults.nan_at("rl", it + 1, j):
+        mbatch["advantages_B"] = np.full_like(mbatch["advantages_B"], np.nan)
+      state, m = train.update_step(state, r.shard(mbatch), model=s.model,
+                                   tx=r.tx, loss_cfg=s.loss)
+      faults.point("rl", it + 1, "update")
       step_metrics.append(m)
   step_metrics = jax.device_get(step_metrics)
   for m in step_metrics:
