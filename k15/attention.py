@@ -453,6 +453,13 @@ def blockwise_attention(
 
   Lengths that are not block multiples are padded with segment 0.
   """
+  # The barrier keeps the position/segment masks inside the layer scan: under
+  # grad, JAX otherwise hoists them out of a scan over layers and stores one
+  # [T, S] mask per block pair for every layer (tens of GiB at 128k).
+  (q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT, q_seg_BxT, kv_pos_BxS,
+   kv_seg_BxS) = jax.lax.optimization_barrier(
+    (q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT, q_seg_BxT, kv_pos_BxS,
+     kv_seg_BxS))
   T, S = q_BxTxHxDh.shape[1], k_BxSxKxDh.shape[1]
   Q, C, Tp, Sp = _block_sizes(T, S, block_q, block_kv)
   out = _blockwise(
@@ -585,6 +592,11 @@ def ring_attention(
   causal work lay tokens out with `zigzag_permutation` and pick blocks that
   divide T / (2n).
   """
+  # See blockwise_attention: keeps the masks inside the layer scan.
+  (q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT, q_seg_BxT, kv_pos_BxS,
+   kv_seg_BxS) = jax.lax.optimization_barrier(
+    (q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_pos_BxT, q_seg_BxT, kv_pos_BxS,
+     kv_seg_BxS))
   out, _ = _ring_run(
     q_BxTxHxDh,
     k_BxSxKxDh,

@@ -41,7 +41,6 @@ What is measured and what is computed:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -53,7 +52,6 @@ import tempfile
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
@@ -224,12 +222,7 @@ def plan(
   )
 
 
-@contextlib.contextmanager
-def mesh_context(mesh):
-  """The mesh (ring attention finds it here) and the logical-axis rules
-  (activation constraints are no-ops without them), as on the pod."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    yield
+mesh_context = sharding.mesh_context
 
 
 def _abstract_state(model, tx, mesh) -> train.TrainState:

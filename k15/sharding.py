@@ -10,14 +10,16 @@ initialiser is jitted with those `out_shardings`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor", "context")
 BATCH = ("data", "fsdp")
@@ -125,3 +127,11 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """Places host arrays on the mesh, split over the batch axes."""
   return jax.tree.map(
       lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), batch)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh) -> Iterator[None]:
+  """The mesh (ring attention finds it here) and the logical-axis rules
+  (activation constraints in the model are no-ops without them)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    yield
