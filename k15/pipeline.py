@@ -386,7 +386,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("k15: %d params, mesh %s, stages %s",
                r.s.model.num_params(), dict(r.mesh.shape), r.s.stages)
   try:
-    _run_stages(r)
+    with sharding.mesh_context(r.mesh):
+      _run_stages(r)
   except _Preempted:
     logging.warning("k15: preempted (SIGTERM); checkpoint saved, exiting")
     r.writer.close()
