@@ -40,7 +40,7 @@ def get_config(arg=None):
               num_minibatches=4, epochs=1, reset_optimizer=True)
   c.length_penalty = dict(schedule="off", weight=0.0, warmup=0)
   c.data = dict(strategy="uniform")
-  c.sft = dict(steps=150, batch_size=32)
+  c.sft = dict(steps=150, batch_size=32, lr=0.0)
   c.optim = dict(lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=1.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
   c.ckpt = dict(every=10, keep=3, async_save=True)
