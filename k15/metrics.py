@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -26,15 +27,31 @@ def _scalar(v: Any) -> float | None:
   return f
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch when it is installed (about 6 s at every
+  start-up, paid again by each restart of a preempted run) although we log
+  only floats; torch is hidden for that import and stays importable.
+  """
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   def __init__(self, workdir: str, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415
-
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = _summary_writer()(os.path.join(workdir, "tb"))
 
   def truncate(self, stage: str, step: int) -> None:
     """Drops records of `stage` at or after `step` (and of later stages).
