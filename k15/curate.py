@@ -13,7 +13,8 @@ Filters run cheapest first; every dropped row keeps its reason:
    because the prompt already ends with the task's answer marker
    (`no_cot_prefix`, " answer:" for the synthetic tasks). A prompt answered
    correctly at least `no_cot_min_correct` (1) times in `no_cot_attempts`
-   (N = 8) is dropped: the report's "within N attempts".
+   (N = 8) is dropped: the report's "within N attempts". The answer gets
+   `no_cot_max_tokens` (4) tokens and is judged even when cut there.
 3. difficulty: `samples` (10) chain-of-thought responses at a high
    `temperature`; the pass rate (an unfinished response is wrong) is the
    difficulty proxy, written into each kept row as `difficulty_pass_rate`.
@@ -40,7 +41,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -59,8 +60,13 @@ REASONS = FORMS + (
 )
 
 
+class Sample(NamedTuple):
+  text: str  # the decoded response (without the prompt)
+  finished: bool  # stopped by a stop token (not cut, not repeating)
+
+
 class SampleFn(Protocol):
-  """One response per prompt text; None where it did not finish.
+  """One `Sample` per prompt text.
 
   Deterministic for a seed; `max_tokens` None means the model's usual
   chain-of-thought budget.
@@ -73,7 +79,7 @@ class SampleFn(Protocol):
     seed: int,
     temperature: float,
     max_tokens: int | None,
-  ) -> list[str | None]: ...
+  ) -> list[Sample]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,10 @@ class CurateConfig:
   no_cot_prefix: appended to the formatted prompt to force a direct
     answer; also prepended to the response before verification.
   no_cot_temperature, no_cot_max_tokens: sampling of the direct answers.
+  no_cot_score_unfinished: judge a direct answer cut by no_cot_max_tokens
+    too (the cut is what forces it to be direct; a model that goes on
+    after its guess still guessed). Chain-of-thought samples that do not
+    finish are always wrong, as in evaluation.
   forms: which form filters are on (subset of FORMS).
   dedupe: drop repeated questions (keeps the first).
   seed: direct answers use `seed`, difficulty samples `seed + 1`.
@@ -105,6 +115,7 @@ class CurateConfig:
   no_cot_prefix: str = " answer:"
   no_cot_temperature: float = 1.0
   no_cot_max_tokens: int = 4
+  no_cot_score_unfinished: bool = True
   forms: tuple[str, ...] = FORMS
   dedupe: bool = True
   seed: int = 0
@@ -272,12 +283,14 @@ def sample_correct(
   temperature: float,
   max_tokens: int | None = None,
   response_prefix: str = "",
+  score_unfinished: bool = False,
 ) -> np.ndarray:
   """[P, n] bool: whether sample j of prompt p verifies.
 
-  One `sample_fn` call over the rows [p0] * n + [p1] * n + ...; a None
-  (unfinished) response is wrong; `response_prefix + response` is what is
-  verified (the no-CoT prefix holds the answer marker).
+  One `sample_fn` call over the rows [p0] * n + [p1] * n + ...; an
+  unfinished response is wrong unless `score_unfinished`;
+  `response_prefix + text` is what is verified (the no-CoT prefix holds
+  the answer marker).
   """
   if not prompts:
     return np.zeros((0, n), bool)
@@ -291,7 +304,8 @@ def sample_correct(
     )
   golds = [a for a in answers for _ in range(n)]
   ok = [
-    r is not None and bool(verify(response_prefix + r, a))
+    (r.finished or score_unfinished)
+    and bool(verify(response_prefix + r.text, a))
     for r, a in zip(out, golds, strict=True)
   ]
   return np.array(ok, bool).reshape(len(prompts), n)
@@ -341,6 +355,7 @@ def curate(
       temperature=cfg.no_cot_temperature,
       max_tokens=cfg.no_cot_max_tokens,
       response_prefix=cfg.no_cot_prefix,
+      score_unfinished=cfg.no_cot_score_unfinished,
     )
     for d, c in zip(todo, ok.sum(axis=1).tolist(), strict=True):
       d.no_cot_correct = int(c)
@@ -544,10 +559,10 @@ def model_sample_fn(
 ) -> SampleFn:
   """A SampleFn over the jitted sampler (k15.rollout.generate).
 
-  Responses are decoded only when the row stopped (stop token); rows cut
-  by the budget or the cache, or stopped for repeating, are None (wrong,
-  as in evaluation). Chunks have `gen.rows` rows, so compiled programs are
-  reused across calls with the same `max_tokens`.
+  `finished` is the sampler's STOPPED status (a stop token); rows cut by
+  the budget or the cache, or stopped for repeating, are unfinished.
+  Chunks have `gen.rows` rows, so compiled programs are reused across calls
+  with the same `max_tokens`.
   """
   import jax  # noqa: PLC0415 - the host-side filters do not need JAX
 
@@ -569,8 +584,7 @@ def model_sample_fn(
       shard_fn=shard_fn,
     )
     return [
-      tok.decode(x.response) if x.status == sampler.STOPPED else None
-      for x in gens
+      Sample(tok.decode(x.response), x.status == sampler.STOPPED) for x in gens
     ]
 
   return fn
@@ -722,6 +736,7 @@ _HELP = {
   "no_cot_prefix": "appended to the prompt to force a direct answer",
   "no_cot_temperature": "sampling temperature of direct answers",
   "no_cot_max_tokens": "token budget of a direct answer",
+  "no_cot_score_unfinished": "judge direct answers cut by the budget too",
   "forms": f"form filters to apply (of {','.join(FORMS)})",
   "dedupe": "drop repeated questions",
   "seed": "sampling seed",

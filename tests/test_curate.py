@@ -146,11 +146,9 @@ MODEL = model_lib.ModelConfig(
   emb_init_scale=0.15,
 )
 GEN = rollout.GenConfig(rows=16, prompt_buckets=(32,), budget=12, cache_len=48)
-# Many stop tokens, so a random model's rows often finish (and sometimes do
-# not: both paths of the count are exercised).
-SAMPLING = sampler.SamplingConfig(
-  temperature=1.0, stop_tokens=(2, 3, 7, 11, 19, 23, 29, 31)
-)
+# 4 of 32 tokens stop a row: a near-uniform random model finishes about 80%
+# of its rows within 12 tokens, so both paths of the count are exercised.
+SAMPLING = sampler.SamplingConfig(temperature=1.0, stop_tokens=(2, 7, 19, 29))
 
 
 def _lenient_verify(response, answer):
@@ -231,9 +229,10 @@ class Stub:
       q = p[len("Q: ") : -len("\nA:" + (self.prefix if direct else ""))]
       answer, hit, cot_correct = self.plan[q]
       if direct:
-        out.append(f" {answer if j == hit else 'z'}")
+        out.append(curate.Sample(f" {answer if j == hit else 'z'}", True))
       else:
-        out.append(f" x>y. answer: {answer if j < cot_correct else 'z'}")
+        ok = answer if j < cot_correct else "z"
+        out.append(curate.Sample(f" x>y. answer: {ok}", True))
     return out
 
 
