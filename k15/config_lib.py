@@ -19,27 +19,45 @@ from typing import Any
 import ml_collections
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """"a=1,b=x,runlocal" -> {a: 1, b: 'x', runlocal: True} (typed by default).
 
-  Keys in `defaults` get the default's type; bare words become True.
+  Keys in `defaults` get the default's type; bare words become True. With
+  `defaults`, every key must be one of them: a typo (`runlocl`) or a value
+  of the wrong type (`seed=x`, `runlocal=ture`) raises naming the key,
+  instead of being silently ignored or read as False.
   """
   out = dict(defaults)
   for part in filter(None, (arg or "").split(",")):
     key, eq, value = part.partition("=")
     key = key.strip()
+    if defaults and key not in defaults:
+      raise ValueError(f"config arg {key!r} is unknown (known: "
+                       f"{', '.join(sorted(defaults))})")
+    default = defaults.get(key)
     if not eq:
+      if defaults and not isinstance(default, bool):
+        raise ValueError(f"config arg {key!r} needs a value: {key}=...")
       out[key] = True
       continue
-    default = defaults.get(key)
-    if isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes", "on")
-    elif isinstance(default, int):
-      out[key] = int(value)
-    elif isinstance(default, float):
-      out[key] = float(value)
-    else:
-      out[key] = value
+    try:
+      if isinstance(default, bool):
+        if value.strip().lower() not in _TRUE + _FALSE:
+          raise ValueError(value)
+        out[key] = value.strip().lower() in _TRUE
+      elif isinstance(default, int):
+        out[key] = int(value)
+      elif isinstance(default, float):
+        out[key] = float(value)
+      else:
+        out[key] = value
+    except ValueError:
+      raise ValueError(f"config arg {key}={value!r} should be "
+                       f"{type(default).__name__}") from None
   return ml_collections.ConfigDict(out)
 
 
