@@ -695,13 +695,14 @@ def curate_file(
     shard_fn=lambda t: sharding.shard_batch(t, mesh),
   )
   bucket = max(s.gen.prompt_buckets)
-  kept, decisions = curate(
-    rows,
-    cfg=cfg,
-    sample_fn=fn,
-    verify=tasks.get(s.task.name).verify,
-    fits=lambda t: len(tok.encode(t)) <= bucket,
-  )
+  with sharding.mesh_context(mesh):  # as the pipeline samples
+    kept, decisions = curate(
+      rows,
+      cfg=cfg,
+      sample_fn=fn,
+      verify=tasks.get(s.task.name).verify,
+      fits=lambda t: len(tok.encode(t)) <= bucket,
+    )
   report_path = report_path or default_report_path(output_path)
   rep = report(
     rows,
