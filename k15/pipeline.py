@@ -231,6 +231,18 @@ _NON_NEGATIVE = ("rl.iterations", "sft.steps", "task.num_sft", "task.num_rl",
 
 
 def _check_combinations(s: Settings, vocab_size, num_devices) -> None:
+  try:
+    s.loss  # noqa: B018 - LossConfig validates rl.loss / rl.tau / clip...
+  except ValueError as e:  # name the config field, not the dataclass's
+    msg = str(e).replace("LossConfig.kind", "rl.loss")
+    raise ValueError("config: " + msg.replace("LossConfig.", "rl.")) from e
+  if s.rl.baseline not in objective.BASELINES:
+    raise ValueError(f"config: rl.baseline={s.rl.baseline!r}; expected one "
+                     f"of {objective.BASELINES}")
+  if s.length_penalty.schedule not in objective.SCHEDULES:
+    raise ValueError(
+        f"config: length_penalty.schedule={s.length_penalty.schedule!r}; "
+        f"expected one of {objective.SCHEDULES}")
   for names, low in ((_POSITIVE, 1), (_NON_NEGATIVE, 0)):
     for name in names:
       section, field = name.split(".")
@@ -432,7 +444,6 @@ def _restore_or(r: Run, stage: str, ck: ckpt_lib.Checkpointer, extra_abs
   """
   out = ck.restore(dict(train=r.abstract, **extra_abs))
   if out is None:
-    r.writer.truncate(stage, 0)
     return None
   step, tree, host = out
   r.results.update(host.get("results", {}))
