@@ -11,6 +11,7 @@ memory and FLOPs, and exits 1 when a program needs more than hbm_gib.
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -75,5 +76,24 @@ def main(argv):
     sys.exit(f"k15: error: {e}")
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, where an override of a field the config lacks
+  (`--config.model.d_modl=3`) is a one-line error naming it; ml_collections
+  raises a traceback that names only the last key."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    why = e
+    while isinstance(why, BaseException) and why.args:
+      why = why.args[0]
+    why = str(why).replace("\n", " ")
+    key = re.match(r"'([^']+)'", why)
+    given = [a.partition("=")[0] for a in argv[1:]
+             if a.startswith("--config.")]
+    named = [g for g in given if key and key.group(1) in g.split(".")]
+    sys.exit(f"k15: error: unknown config field {' '.join(named or given)}: "
+             f"{why}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
