@@ -444,6 +444,7 @@ def _restore_or(r: Run, stage: str, ck: ckpt_lib.Checkpointer, extra_abs
   """
   out = ck.restore(dict(train=r.abstract, **extra_abs))
   if out is None:
+    r.writer.truncate(stage, 0)
     return None
   step, tree, host = out
   r.results.update(host.get("results", {}))
