@@ -62,6 +62,13 @@ class ModelConfig:
   emb_init_scale: float = 1.0
 
   def __post_init__(self):
+    for name in ("num_layers", "d_model", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim", "max_len", "logits_chunk",
+                 "attention_block"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
+    if self.vocab_size < 0:  # 0: filled in from the tokenizer
+      raise ValueError(f"model.vocab_size={self.vocab_size} must be >= 0")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"model.num_heads={self.num_heads} is not a multiple of "

@@ -247,6 +247,11 @@ def test_untied_head_has_its_own_axes():
     (dict(num_heads=6, num_kv_heads=4), "num_kv_heads"),
     (dict(head_dim=7), "head_dim"),
     (dict(remat="sometimes"), "remat"),
+    (dict(num_kv_heads=0), "num_kv_heads"),  # not a ZeroDivisionError
+    (dict(d_model=0), "d_model"),
+    (dict(num_layers=-1), "num_layers"),
+    (dict(vocab_size=-8), "vocab_size"),
+    (dict(logits_chunk=0), "logits_chunk"),
   ],
 )
 def test_model_config_rejects_bad_shapes(kw, field):
@@ -264,3 +269,8 @@ def test_remat_does_not_change_outputs(rng):
     np.testing.assert_allclose(
       _seq_logprobs(params, toks, seg, model=cfg), base, atol=1e-6
     )
+
+
+def test_model_config_allows_vocab_from_the_tokenizer():
+  # configs leave vocab_size 0 until the tokenizer exists
+  assert ModelConfig(vocab_size=0).vocab_size == 0
