@@ -18,7 +18,6 @@ from typing import Any
 
 import ml_collections
 
-
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
