@@ -1,14 +1,20 @@
 """Arithmetic chains mod 10: a synthetic reasoning task with an exact verifier.
 
 A problem is a start digit and a chain of `+d` / `-d` / `*d` steps, all mod
-10; its difficulty is the number of steps. The chain of thought writes one
-partial result per step, then the answer:
+10; its difficulty is the number of steps. Prompts are padded with `~~` to
+the task's longest chain, and the chain of thought writes the start digit and
+then one running result per step, then the answer:
 
-  Q: 7+5*3-8
-  A: 7+5=2, 2*3=6, 6-8=8. answer: 8
+  Q: 7+5*3-8~~~~
+  A: 7 2 6 8. answer: 8
 
-Warm-up traces are the exact step-by-step solutions; RL sees only prompts and
-answers; the evaluation problems are disjoint from both.
+Every operand sits at the same distance from the result that uses it (two
+tokens per step on both sides), so a small model can learn the reading
+pattern quickly; what it must know is the 270-entry table of `a op d mod 10`.
+A small warm-up set covers only part of that table: RL, which samples and is
+rewarded on many more problems, can discover the rest, imitation cannot.
+Warm-up traces are exact; RL sees only prompts and answers; the evaluation
+problems are disjoint from both.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import re
 
 import numpy as np
 
+# one token per character, so each step is two tokens on both sides
+TOKENIZER = dict(model_type="char", user_symbols=("answer",))
 ANSWER_RE = re.compile(r"answer:\s*(-?\d+)")
 OPS = "+-*"
 
@@ -38,25 +46,30 @@ def _apply(a: int, op: str, d: int) -> int:
   return {"+": a + d, "-": a - d, "*": a * d}[op] % 10
 
 
-def make_problem(rng: np.random.Generator, steps: int, ops: str = OPS
-                 ) -> Problem:
+def make_problem(rng: np.random.Generator, steps: int, ops: str = OPS,
+                 width: int = 0, max_operand: int = 9) -> Problem:
+  """`width` pads the prompt with `~~` to that many steps (0: no padding);
+  operands are drawn from 1..max_operand (the fact table has
+  10 * len(ops) * max_operand entries)."""
   a = int(rng.integers(0, 10))
-  question, parts, cur = str(a), [], a
+  question, results, cur = str(a), [a], a
   for _ in range(steps):
     op = ops[int(rng.integers(0, len(ops)))]
-    d = int(rng.integers(1, 10))
-    nxt = _apply(cur, op, d)
+    d = int(rng.integers(1, max_operand + 1))
+    cur = _apply(cur, op, d)
     question += f"{op}{d}"
-    parts.append(f"{cur}{op}{d}={nxt}")
-    cur = nxt
-  trace = " " + ", ".join(parts) + f". answer: {cur}"
+    results.append(cur)
+  question += "~~" * max(width - steps, 0)
+  trace = " " + " ".join(map(str, results)) + f". answer: {cur}"
   return Problem(question, str(cur), steps, trace)
 
 
 def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
              exclude: set[str] | frozenset[str] = frozenset(),
-             ops: str = OPS) -> list[Problem]:
-  """n distinct problems, difficulty uniform in [min_steps, max_steps]."""
+             ops: str = OPS, width: int = 0, max_operand: int = 9
+             ) -> list[Problem]:
+  """n distinct problems, difficulty uniform in [min_steps, max_steps],
+  prompts padded to `width` steps (default max_steps)."""
   rng = np.random.default_rng(seed)
   out, seen = [], set(exclude)
   tries = 0
@@ -66,7 +79,8 @@ def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
       raise ValueError(
           f"arithmetic: cannot draw {n} distinct problems with steps in "
           f"[{min_steps}, {max_steps}]")
-    p = make_problem(rng, int(rng.integers(min_steps, max_steps + 1)), ops)
+    p = make_problem(rng, int(rng.integers(min_steps, max_steps + 1)), ops,
+                     width=width or max_steps, max_operand=max_operand)
     if p.question not in seen:
       seen.add(p.question)
       out.append(p)
@@ -75,21 +89,24 @@ def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
 
 def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
            min_steps: int, max_steps: int, ops: str = OPS,
-           sft_max_steps: int = 0) -> dict[str, list[Problem]]:
+           sft_max_steps: int = 0, max_operand: int = 9
+           ) -> dict[str, list[Problem]]:
   """Disjoint warm-up / RL / evaluation sets (by question text).
 
   `sft_max_steps` (if > 0) caps the warm-up traces' difficulty below the RL
   and evaluation range: RL then has to extend the chain of thought to
   problems longer than any it imitated.
   """
+  kw = dict(ops=ops, max_operand=max_operand)
   ev = generate(num_eval, seed=seed + 2, min_steps=min_steps,
-                max_steps=max_steps, ops=ops)
+                max_steps=max_steps, **kw)
   used = {p.question for p in ev}
   sft = generate(num_sft, seed=seed, min_steps=min_steps,
-                 max_steps=sft_max_steps or max_steps, exclude=used, ops=ops)
+                 max_steps=sft_max_steps or max_steps, exclude=used,
+                 width=max_steps, **kw)
   used |= {p.question for p in sft}
   rl = generate(num_rl, seed=seed + 1, min_steps=min_steps,
-                max_steps=max_steps, exclude=used, ops=ops)
+                max_steps=max_steps, exclude=used, **kw)
   return dict(sft=sft, rl=rl, eval=ev)
 
 
@@ -110,5 +127,5 @@ def tokenizer_corpus(seed: int = 1234, n: int = 2000) -> list[str]:
   """Text the task's sentencepiece model is trained on (deterministic)."""
   from k15 import tokenizer  # noqa: PLC0415
 
-  probs = generate(n, seed=seed, min_steps=1, max_steps=8)
+  probs = generate(n, seed=seed, min_steps=1, max_steps=8, width=8)
   return [tokenizer.format_prompt(p.question) + p.trace for p in probs]
