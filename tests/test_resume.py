@@ -1,5 +1,5 @@
 """Exact resume: a run that is SIGKILLed at several points (mid rollout, mid
-update, mid async checkpoint save, before a stage's final evaluation) or
+update, mid async checkpoint save, before a stage's final evaluation) and
 preempted with SIGTERM, and restarted with the same command each time, ends
 with the same parameters, checkpointed host state, summary and metrics.jsonl
 records, bit for bit on CPU, as a run that was never interrupted.
@@ -136,12 +136,15 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
-# (stage:step:phase, what must be true right after the kill)
-KILLS = (
+# Where each run of the chain is stopped; each restart resumes from what the
+# previous one left. `:TERM` sends SIGTERM (preemption) instead of SIGKILL.
+POINTS = (
   # the final SFT save (after its eval was logged) is in flight
   "sft:10:save",
   # rollout of RL step 2 done, nothing of it recorded
   "rl:2:rollout",
+  # preempted in RL step 2's update: it finishes step 2, checkpoints, exits 0
+  "rl:2:update:TERM",
   # the first minibatch update of step 3 dispatched
   "rl:3:update",
   # after the last RL iteration (no checkpoint at the last step) before eval
@@ -152,10 +155,10 @@ KILLS = (
 )
 
 
-def test_killed_runs_resume_exactly(tmp_path, uninterrupted):
+def test_killed_and_preempted_runs_resume_exactly(tmp_path, uninterrupted):
   workdir = str(tmp_path / "run")
   mid_save = False
-  for point in (*KILLS, None):
+  for point in (*POINTS, None):
     env = {"K15_TEST_KILL_AT": point} if point else {}
     rc, err = run_main(workdir, **env)
     if mid_save:  # the restart reported the interrupted save
@@ -163,11 +166,14 @@ def test_killed_runs_resume_exactly(tmp_path, uninterrupted):
     if point is None:
       assert rc == 0, err[-3000:]
       break
-    assert rc == -signal.SIGKILL, (point, rc, err[-3000:])
-    assert f"SIGKILL at {point}" in err, (point, err[-3000:])
-    stage, step, phase = point.split(":")
+    stage, step, phase, *term = point.split(":")
     ckpt = f"{workdir}/ckpt/{stage}"
     mid_save = phase == "save"
+    if term:
+      _check_preempted(workdir, point, rc, err)
+      continue
+    assert rc == -signal.SIGKILL, (point, rc, err[-3000:])
+    assert f"SIGKILL at {point}" in err, (point, err[-3000:])
     if mid_save:  # killed mid-write: only the temporary dir exists
       assert os.path.isdir(f"{ckpt}/{step}.orbax-checkpoint-tmp"), os.listdir(
         ckpt
@@ -179,18 +185,17 @@ def test_killed_runs_resume_exactly(tmp_path, uninterrupted):
   assert_same_run(workdir, uninterrupted)
 
 
-def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, uninterrupted):
-  workdir = str(tmp_path / "run")
-  # SIGTERM arrives while RL step 2 is generating
-  rc, err = run_main(workdir, K15_TEST_KILL_AT="rl:2:rollout:TERM")
-  assert rc == 0, err[-3000:]
-  assert "SIGTERM at rl:2:rollout" in err and "preempted" in err
-  # it finished step 2, checkpointed it, and stopped there
-  assert sorted(os.listdir(f"{workdir}/ckpt/rl")) == ["1", "2"]
-  assert not os.path.exists(f"{workdir}/ckpt/control")
+def _check_preempted(workdir, point, rc, err):
+  """SIGTERM during RL step N: exit 0 after checkpointing step N; nothing of
+  step N + 1 or later stages was started."""
+  stage, step = point.split(":")[:2]
+  assert rc == 0, (point, err[-3000:])
+  assert f"SIGTERM at {point[: -len(':TERM')]}" in err, err[-3000:]
+  assert "preempted" in err, err[-3000:]
+  names = os.listdir(f"{workdir}/ckpt/{stage}")
+  steps = sorted(int(n) for n in names if n.isdigit())
+  assert steps[-1] == int(step), steps
   recs = metric_records(workdir)
-  assert (recs[-1]["stage"], recs[-1]["step"]) == ("rl", 2)
+  assert (recs[-1]["stage"], recs[-1]["step"]) == (stage, int(step))
+  assert not os.path.exists(f"{workdir}/ckpt/control")
   assert not os.path.exists(f"{workdir}/summary.json")
-  rc, err = run_main(workdir)
-  assert rc == 0, err[-3000:]
-  assert_same_run(workdir, uninterrupted)
