@@ -68,6 +68,7 @@ class TaskConfig:
   num_rl: int = 4096
   num_eval: int = 256
   sft_max_steps: int = 0  # > 0: warm-up traces only up to this difficulty
+  max_operand: int = 9  # arithmetic: operands 1..max_operand
   seed: int = 0
 
 
@@ -93,6 +94,11 @@ class RolloutConfig:
   budget: int = 96  # new tokens per trajectory per iteration
   max_len: int = 128  # cache length (prompt + response)
   gen_rows: int = 256  # rows per sampler call
+  # partial rollouts (PAPER.md §4): a trajectory cut by the budget continues
+  # next iteration (else it is final, "cut by budget")
+  partial: bool = False
+  loss_segments: str = "all"  # all | current (only this policy's tokens)
+  repeat_penalty: float = 0.0  # subtracted from the reward of REPEAT rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +155,11 @@ class Settings:
   @property
   def gen(self) -> rollout.GenConfig:
     r = self.rollout
+    cont = (rollout.continue_buckets(r.prompt_len, r.budget, r.max_len)
+            if r.partial else ())
     return rollout.GenConfig(rows=r.gen_rows, prompt_buckets=(r.prompt_len,),
-                             budget=r.budget, cache_len=r.max_len)
+                             budget=r.budget, cache_len=r.max_len,
+                             continue_buckets=cont)
 
 
 _SECTIONS = {
@@ -254,6 +263,12 @@ def _check_combinations(s: Settings, vocab_size, num_devices) -> None:
     raise ValueError(
         f"config: rollout.budget ({r.budget}) + rollout.prompt_len "
         f"({r.prompt_len}) exceeds rollout.max_len ({r.max_len})")
+  if r.loss_segments not in ("all", "current"):
+    raise ValueError(f"config: rollout.loss_segments={r.loss_segments!r}; "
+                     "expected 'all' or 'current'")
+  if r.repeat_penalty < 0:
+    raise ValueError(f"config: rollout.repeat_penalty={r.repeat_penalty} "
+                     "must be >= 0 (it is subtracted from the reward)")
   if r.max_len > s.model.max_len:
     raise ValueError(f"config: rollout.max_len ({r.max_len}) exceeds "
                      f"model.max_len ({s.model.max_len})")
@@ -310,7 +325,7 @@ class Run:
         seed=s.task.seed, num_sft=s.task.num_sft, num_rl=s.task.num_rl,
         num_eval=s.task.num_eval, min_steps=s.task.min_steps,
         max_steps=s.task.max_steps, ops=s.task.ops,
-        sft_max_steps=s.task.sft_max_steps)
+        sft_max_steps=s.task.sft_max_steps, max_operand=s.task.max_operand)
     self.tx = train.make_optimizer(s.optim)
     self.sft_tx = self.tx
     if s.sft.lr > 0:

@@ -1,10 +1,24 @@
 """The RL stage: the report's iterations (PAPER.md §1-4).
 
-One iteration i: draw prompts (uniform / curriculum / prioritized), sample k
-responses each from pi_theta_i with the jitted sampler, score them with the
-task's verifier, shape rewards with the length penalty, form the mean-reward
-baseline per prompt, take pi_theta_i's log-probs as the reference, reset the
-optimizer, and take several minibatch steps of the mirror-descent loss.
+One iteration i: draw new prompts (uniform / curriculum / prioritized),
+sample k responses each from pi_theta_i with the jitted sampler, at most
+`rollout.budget` new tokens per trajectory, together with the unfinished
+trajectories of earlier iterations (partial rollouts, `rollout.partial`);
+take the groups whose k samples have all finished, score them with the
+task's verifier, shape rewards with the length penalty and the repeat
+penalty, form the mean-reward baseline per group, take pi_theta_i's
+log-probs of every token as the reference, reset the optimizer, and take
+several minibatch steps of the mirror-descent loss.
+
+New prompts per iteration (partial rollouts on): `prompts_per_iter` minus
+the finished groups still waiting from the previous iteration (the trainer
+takes at most `prompts_per_iter` groups per iteration, oldest first). Groups
+finish at the rate they start, so once the buffer has filled (about
+max_len / budget iterations) about `prompts_per_iter` groups finish per
+iteration, and a backlog of finished groups throttles new ones rather than
+growing. With partial rollouts off every group finishes in the iteration it
+starts, which is the plain loop.
+
 `r` is the `pipeline.Run` holding the settings, tokenizer, mesh and writer.
 """
 
@@ -35,9 +49,12 @@ def run_rl_stage(r, sft_state):
   s = r.s
   difficulty = np.array([p.difficulty for p in r.problems["rl"]])
   prompt_sampler = curriculum.PromptSampler(difficulty, s.data, s.seed)
+  buffer = rollout.RolloutBuffer(s.rollout.k, partial=s.rollout.partial)
   ck = r.checkpointer("rl")
-  sampler_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                 for k, v in prompt_sampler.state_dict().items()}
+  sampler_abs = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+    for k, v in prompt_sampler.state_dict().items()
+  }
   restored = pipeline._restore_or(r, "rl", ck, dict(sampler=sampler_abs))
   if restored is not None and restored[2].get("done"):
     ck.close()
@@ -50,122 +67,290 @@ def run_rl_stage(r, sft_state):
     start, tree, host = restored
     state = tree["train"]
     prompt_sampler.load_state_dict(
-        {k: np.asarray(v) for k, v in tree["sampler"].items()})
+      {k: np.asarray(v) for k, v in tree["sampler"].items()}
+    )
     skips = host.get("skips", 0)
+    if "buffer" in host:  # the groups in flight (partial rollouts)
+      buffer.load_state_dict(host["buffer"])
   bar = metrics_lib.Progress(s.rl.iterations, "rl", initial=start)
   for it in range(start, s.rl.iterations):
-    state, m, skips = rl_iteration(r, state, it, prompt_sampler, skips)
+    state, m, skips = rl_iteration(r, state, it, prompt_sampler, skips, buffer)
     r.writer.write("rl", it + 1, m)
-    pipeline._check_skips("rl", it + 1, skips, s.rl.max_consecutive_skips,
-                          ck)
+    pipeline._check_skips("rl", it + 1, skips, s.rl.max_consecutive_skips, ck)
     bar.update(1, acc=m["accuracy"], len=m["response_length"])
     pipeline._periodic_save(
-        r, ck, "rl", it + 1, last=it + 1 == s.rl.iterations,
-        every=s.ckpt.every, skips=skips,
-        tree=dict(train=state, sampler=prompt_sampler.state_dict()))
+      r,
+      ck,
+      "rl",
+      it + 1,
+      last=it + 1 == s.rl.iterations,
+      every=s.ckpt.every,
+      skips=skips,
+      buffer=buffer.state_dict(),
+      tree=dict(train=state, sampler=prompt_sampler.state_dict()),
+    )
   bar.close()
   faults.point("rl", s.rl.iterations, "eval")
   r.results["rl"] = r.evaluate(state.params, "rl")
-  r.writer.write("eval", 0, {f"rl/{k}": v for k, v in
-                             r.results["rl"].items()})
-  pipeline._save(ck, s.rl.iterations, dict(train=state,
-                                  sampler=prompt_sampler.state_dict()),
-        pipeline._host_state("rl", s.rl.iterations, True, r))
+  r.writer.write("eval", 0, {f"rl/{k}": v for k, v in r.results["rl"].items()})
+  pipeline._save(
+    ck,
+    s.rl.iterations,
+    dict(train=state, sampler=prompt_sampler.state_dict()),
+    pipeline._host_state(
+      "rl", s.rl.iterations, True, r, buffer=buffer.state_dict()
+    ),
+  )
   ck.close()
 
 
-def rl_iteration(r, state, it: int, prompt_sampler, skips: int):
+def _response_len(longest: int, budget: int, cap: int) -> int:
+  """Columns of the training rows: a few compiled shapes, no retrace per
+  iteration (multiples of 16 up to the budget, of the budget beyond)."""
+  if longest <= budget:
+    return min(pipeline._round_up(max(longest, 1), 16), budget)
+  return min(pipeline._round_up(longest, budget), cap)
+
+
+def _new_prompts(r, it: int, n: int, prompt_sampler):
+  idx = prompt_sampler.sample(it, n) if n else np.zeros(0, np.int64)
+  prompts = [
+    r.tok.encode(tokenizer_lib.format_prompt(r.problems["rl"][i].question))
+    for i in idx
+  ]
+  return idx, prompts
+
+
+def rl_iteration(
+  r,
+  state,
+  it: int,
+  prompt_sampler,
+  skips: int,
+  buffer: rollout.RolloutBuffer | None = None,
+):
   """One iteration i: sample from pi_theta_i, score, k1.5 update.
 
-  Returns (state, metrics, consecutive skipped updates).
+  `buffer` holds the groups in flight across iterations (a fresh one, i.e.
+  no partial rollouts carried in, when None). Returns (state, metrics,
+  consecutive skipped updates).
   """
   s = r.s
+  ro = s.rollout
   t_start = time.time()
   rng = r.rng("rl", it)
-  P, K = s.rollout.prompts_per_iter, s.rollout.k
-  idx = prompt_sampler.sample(it, P)
-  problems = [r.problems["rl"][i] for i in idx]
-  prompts = [r.tok.encode(tokenizer_lib.format_prompt(p.question))
-             for p in problems]
-  rows = [q for q in prompts for _ in range(K)]
-  gens = rollout.generate(state.params, rows, rng, model=s.model,
-                          sampling=r.sampling, gen=s.gen, pad_id=r.tok.pad_id,
-                          shard_fn=r.shard)
+  P, K = ro.prompts_per_iter, ro.k
+  if buffer is None:
+    buffer = rollout.RolloutBuffer(K, partial=ro.partial)
+  gen = s.gen
+  n_new = max(P - buffer.num_finished(), 0)
+  idx, prompts = _new_prompts(r, it, n_new, prompt_sampler)
+  buffer.start(idx, prompts, it, [gen.max_response(len(q)) for q in prompts])
+  todo, reqs = buffer.requests()
+  carried_in = sum(len(q.prefix) > 0 for q in reqs)
+  gens = rollout.generate_segments(
+    state.params,
+    reqs,
+    rng,
+    model=s.model,
+    sampling=r.sampling,
+    gen=gen,
+    pad_id=r.tok.pad_id,
+    shard_fn=r.shard,
+  )
+  buffer.record(todo, gens, it)
   t_gen = time.time() - t_start
   faults.point("rl", it + 1, "rollout")
-  answers = [p.answer for p in problems for _ in range(K)]
-  correct_PxK = evaluate.score_responses(r.tok, gens, answers,
-                                         r.task.verify).reshape(P, K)
-  lengths_PxK = np.array([len(g.response) for g in gens],
-                         np.float32).reshape(P, K)
-  lp = s.length_penalty
-  shaped_PxK = objective.shaped_rewards(
-      correct_PxK, correct_PxK, lengths_PxK, iteration=it,
-      schedule=lp.schedule, weight=lp.weight, warmup=lp.warmup, ramp=lp.ramp)
-  adv_PxK = objective.advantages(shaped_PxK, correct_PxK, lengths_PxK,
-                                 kind=s.rl.loss, baseline=s.rl.baseline,
-                                 tau=s.rl.tau)
-  # Score only as many response columns as the longest response needs
-  # (rounded to 16: a handful of compiled shapes, no per-iteration retrace).
-  P_len = s.rollout.prompt_len
-  N = min(pipeline._round_up(max(int(lengths_PxK.max()), 1), 16),
-          s.rollout.budget)
-  batch = rollout.to_batch(rows, [g.response for g in gens],
-                           prompt_len=P_len, response_len=N,
-                           pad_id=r.tok.pad_id)
-  batch["behaviour_logp_BxT"] = rollout.place_per_token(
-      [g.logp for g in gens], prompt_len=P_len, T=P_len + N, rows=len(rows))
-  batch["advantages_B"] = adv_PxK.reshape(-1)
+  gen_tokens = float(sum(len(g.response) for g in gens))
+  finished_now = sum(t.finished for _, t in todo)
+  roll = dict(
+    new_prompts=float(n_new),
+    rows=float(len(reqs)),
+    carried_in=float(carried_in),
+    finished=float(finished_now),
+    carried_over=float(len(reqs) - finished_now),
+    gen_tokens=gen_tokens,
+  )
 
-  # pi_theta_i's log-probs are the reference of this iteration's problem.
+  groups = buffer.pop_finished(P)
+  roll.update(groups_trained=float(len(groups)), **buffer.metrics(it))
+  roll = {f"rollout/{k}": v for k, v in roll.items()}
+  base = dict(
+    gen_tokens_per_s=gen_tokens / max(t_gen, 1e-9), gen_time=t_gen, **roll
+  )
+  if not groups:  # partial rollouts warming up: nothing finished yet
+    nan = float("nan")
+    return (
+      state,
+      dict(
+        base,
+        reward=nan,
+        accuracy=nan,
+        response_length=nan,
+        step_time=time.time() - t_start,
+      ),
+      skips,
+    )
+  state, out, skips = _train_on(r, state, it, groups, skips)
+  prompt_sampler.update([g.problem for g in groups], out.pop("_correct"))
+  out.update(
+    base,
+    step_time=time.time() - t_start,
+    **{f"sampler/{k}": v for k, v in prompt_sampler.metrics().items()},
+  )
+  return state, out, skips
+
+
+def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
+  """Scores finished groups and takes the k1.5 update on them."""
+  s = r.s
+  ro = s.rollout
+  P, K, G = ro.prompts_per_iter, ro.k, len(groups)
+  trajs = [t for g in groups for t in g.members]
+  answers = [
+    r.problems["rl"][g.problem].answer for g in groups for _ in range(K)
+  ]
+  correct_GxK = evaluate.score_responses(
+    r.tok, trajs, answers, r.task.verify
+  ).reshape(G, K)
+  lengths_GxK = np.array([len(t.response) for t in trajs], np.float32).reshape(
+    G, K
+  )
+  status_GxK = np.array([t.status for t in trajs]).reshape(G, K)
+  lp = s.length_penalty
+  shaped_GxK = objective.shaped_rewards(
+    correct_GxK,
+    correct_GxK,
+    lengths_GxK,
+    iteration=it,
+    schedule=lp.schedule,
+    weight=lp.weight,
+    warmup=lp.warmup,
+    ramp=lp.ramp,
+  )
+  repeat_GxK = status_GxK == sampler_lib.REPEAT
+  shaped_GxK = shaped_GxK - np.float32(ro.repeat_penalty) * repeat_GxK
+  adv_GxK = objective.advantages(
+    shaped_GxK,
+    correct_GxK,
+    lengths_GxK,
+    kind=s.rl.loss,
+    baseline=s.rl.baseline,
+    tau=s.rl.tau,
+  )
+  # Rows are laid out for P groups whatever G is (padding rows weigh 0),
+  # and responses take a few column counts: no retrace per iteration.
+  P_len, rows = ro.prompt_len, P * K
+  N = _response_len(
+    int(lengths_GxK.max()), ro.budget, ro.max_len - ro.prompt_len
+  )
+  T = P_len + N
+  prompts = [g.prompt for g in groups for _ in range(K)]
+  batch = rollout.to_batch(
+    prompts,
+    [t.response for t in trajs],
+    prompt_len=P_len,
+    response_len=N,
+    pad_id=r.tok.pad_id,
+    rows=rows,
+  )
+  batch["behaviour_logp_BxT"] = rollout.place_per_token(
+    [t.logp for t in trajs], prompt_len=P_len, T=T, rows=rows
+  )
+  version_BxT = rollout.place_per_token(
+    [t.version for t in trajs], prompt_len=P_len, T=T, rows=rows, dtype=np.int32
+  )
+  response_BxT = batch["loss_mask_BxT"]
+  old_BxT = response_BxT & (version_BxT < it)
+  if ro.loss_segments == "current":
+    batch["loss_mask_BxT"] = response_BxT & (version_BxT == it)
+  adv_B = np.zeros(rows, np.float32)
+  adv_B[: G * K] = adv_GxK.reshape(-1)
+  batch["advantages_B"] = adv_B
+
+  # pi_theta_i's log-probs of every token (older segments included) are
+  # the reference of this iteration's problem.
   M = s.rl.num_minibatches
-  mb = len(rows) // M
+  mb = rows // M
+  n_real = G * K
   ref = []
   for j in range(M):
     sl = slice(j * mb, (j + 1) * mb)
-    ref.append(train.score(state.params, r.shard(batch["tokens_BxT"][sl]),
-                           r.shard(batch["seg_BxT"][sl]), model=s.model))
+    if j * mb >= n_real:  # padding rows only
+      ref.append(np.zeros((mb, T), np.float32))
+      continue
+    ref.append(
+      train.score(
+        state.params,
+        r.shard(batch["tokens_BxT"][sl]),
+        r.shard(batch["seg_BxT"][sl]),
+        model=s.model,
+      )
+    )
   batch["ref_logp_BxT"] = np.concatenate(jax.device_get(ref))
 
   if s.rl.reset_optimizer:
     state = train.reset_optimizer(state, tx=r.tx)
   t_upd = time.time()
   order_rng = np.random.default_rng([s.seed, it, 7])
+  pad_rows = np.arange(n_real, rows)
   step_metrics = []
   for _ in range(s.rl.epochs):
-    perm = order_rng.permutation(len(rows))
-    for j in range(M):
-      sel = perm[j * mb:(j + 1) * mb]
+    perm = order_rng.permutation(n_real)
+    for j in range(-(-n_real // mb)):
+      sel = perm[j * mb : (j + 1) * mb]
+      sel = np.concatenate([sel, pad_rows[: mb - len(sel)]])
       mbatch = {k: v[sel] for k, v in batch.items()}
       if faults.nan_at("rl", it + 1, j):
         mbatch["advantages_B"] = np.full_like(mbatch["advantages_B"], np.nan)
-      state, m = train.update_step(state, r.shard(mbatch), model=s.model,
-                                   tx=r.tx, loss_cfg=s.loss)
+      state, m = train.update_step(
+        state, r.shard(mbatch), model=s.model, tx=r.tx, loss_cfg=s.loss
+      )
       faults.point("rl", it + 1, "update")
       step_metrics.append(m)
   step_metrics = jax.device_get(step_metrics)
   for m in step_metrics:
     skips = skips + 1 if m["skipped"] else 0
   t_end = time.time()
-  prompt_sampler.update(idx, correct_PxK)
 
-  gen_tokens = float(lengths_PxK.sum())
-  status = np.array([g.status for g in gens])
-  out = {k: float(np.mean([m[k] for m in step_metrics]))
-         for k in step_metrics[0]}
+  status = status_GxK.reshape(-1)
+  loss_tok = batch["loss_mask_BxT"]
+  oldest = (
+    min(int(t.version.min()) for t in trajs if len(t.version))
+    if (lengths_GxK.max() > 0)
+    else it
+  )
+  out = {
+    k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]
+  }
   out.update(
-      reward=float(shaped_PxK.mean()), accuracy=float(correct_PxK.mean()),
-      response_length=float(lengths_PxK.mean()),
-      response_length_p95=float(np.percentile(lengths_PxK, 95)),
-      length_penalty_weight=objective.length_penalty_weight(
-          it, schedule=lp.schedule, weight=lp.weight, warmup=lp.warmup,
-          ramp=lp.ramp),
-      frac_stopped=float(np.mean(status == sampler_lib.STOPPED)),
-      frac_cut=float(np.mean((status == sampler_lib.BUDGET)
-                             | (status == sampler_lib.MAX_LEN))),
-      frac_repeat=float(np.mean(status == sampler_lib.REPEAT)),
-      frac_zero_adv_groups=float(np.mean(np.all(adv_PxK == 0, axis=1))),
-      gen_tokens_per_s=gen_tokens / max(t_gen, 1e-9),
-      gen_time=t_gen, update_time=t_end - t_upd, step_time=t_end - t_start,
-      **{f"sampler/{k}": v for k, v in prompt_sampler.metrics().items()})
+    _correct=correct_GxK,
+    reward=float(shaped_GxK.mean()),
+    accuracy=float(correct_GxK.mean()),
+    response_length=float(lengths_GxK.mean()),
+    response_length_p95=float(np.percentile(lengths_GxK, 95)),
+    length_penalty_weight=objective.length_penalty_weight(
+      it, schedule=lp.schedule, weight=lp.weight, warmup=lp.warmup, ramp=lp.ramp
+    ),
+    frac_stopped=float(np.mean(status == sampler_lib.STOPPED)),
+    frac_cut=float(
+      np.mean((status == sampler_lib.BUDGET) | (status == sampler_lib.MAX_LEN))
+    ),
+    frac_repeat=float(np.mean(status == sampler_lib.REPEAT)),
+    frac_zero_adv_groups=float(np.mean(np.all(adv_GxK == 0, axis=1))),
+    update_time=t_end - t_upd,
+    **{
+      "rollout/repeat_penalized": float(
+        repeat_GxK.sum() * (ro.repeat_penalty > 0)
+      ),
+      "rollout/off_policy_token_frac": float(
+        (loss_tok & old_BxT).sum() / max(loss_tok.sum(), 1)
+      ),
+      "rollout/old_token_frac": float(
+        old_BxT.sum() / max(response_BxT.sum(), 1)
+      ),
+      "rollout/oldest_segment_age": float(it - oldest),
+      "rollout/group_age": float(np.mean([it - g.born for g in groups])),
+    },
+  )
   return state, out, skips

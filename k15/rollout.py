@@ -1,9 +1,27 @@
-"""Host side of generation: fixed-shape batches in, per-row results out.
+"""Host side of generation: fixed-shape sampler calls, partial rollouts.
 
-`generate` runs the jitted sampler over any number of prompts in fixed
-[rows, bucket] chunks (padding the last chunk with empty rows), so the
-compiled prefill/decode are reused across calls and iterations. `to_batch`
-lays prompt + response rows out the way the trainer scores them:
+`generate_segments` runs the jitted sampler over any number of requests
+(prompt + the response so far, and how many more tokens the trajectory may
+take). Rows are sorted (stably) by their context bucket and cut into fixed
+[rows, bucket] chunks, each at the smallest bucket that holds its longest
+row, the last chunk padded with empty rows (which start stopped). So the
+compiled prefill/decode are reused across calls and iterations: one pair per
+bucket, and the fewest sampler calls for the rows. The KV cache lives only
+inside one call.
+
+`generate` samples one complete response per prompt (evaluation): rows cut
+by the budget are continued when `GenConfig.continue_buckets` has room.
+
+`RolloutBuffer` is the partial-rollout buffer of an RL run (PAPER.md §4):
+groups of k trajectories per prompt; every trajectory keeps its tokens, the
+behaviour log-prob of each and the iteration (policy version) that sampled
+it. A trajectory cut by the per-iteration budget stays in the buffer and is
+continued next iteration (re-prefilled under the new parameters); a group is
+handed to the trainer only when all k members have finished, so its mean
+reward is a proper baseline. It is plain Python + numpy and round-trips
+through JSON exactly (the run checkpoints it).
+
+`to_batch` lays prompt + response rows out the way the trainer scores them:
 
   tokens_BxT = [left-padded prompt (P) | response (N), right-padded]
 
@@ -12,7 +30,9 @@ with segment ids 1 on real tokens and a loss mask on the response tokens.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -20,21 +40,56 @@ import numpy as np
 from k15 import model as model_lib
 from k15 import sampler
 
+_NO_CAP = 1 << 30
+
 
 @dataclasses.dataclass(frozen=True)
 class GenConfig:
-  """Static shapes of one generation call."""
+  """Static shapes of generation.
 
-  rows: int  # sequences per sampler call (fixed; last chunk padded)
-  prompt_buckets: tuple[int, ...]  # allowed left-padded prompt lengths P
-  budget: int  # new tokens per sequence per call (N)
-  cache_len: int  # S >= P + N
+  rows: sequences per sampler call (fixed; the last chunk is padded).
+  prompt_buckets: left-padded prompt lengths P.
+  budget: new tokens per sequence per call (N).
+  cache_len: max_len: a prompt in bucket P gets at most cache_len - P
+    response tokens in all.
+  continue_buckets: left-padded lengths for prompt + partial response;
+    () means a row cut by the budget is final.
+  A call at bucket b has a cache of b + budget slots.
+  """
+
+  rows: int
+  prompt_buckets: tuple[int, ...]
+  budget: int
+  cache_len: int
+  continue_buckets: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.cache_len < max(self.prompt_buckets) + self.budget:
       raise ValueError(
-          f"cache_len={self.cache_len} < largest prompt bucket "
-          f"{max(self.prompt_buckets)} + budget {self.budget}")
+        f"cache_len={self.cache_len} < largest prompt bucket "
+        f"{max(self.prompt_buckets)} + budget {self.budget}"
+      )
+
+  @property
+  def buckets(self) -> tuple[int, ...]:
+    return tuple(sorted(set(self.prompt_buckets) | set(self.continue_buckets)))
+
+  def max_response(self, prompt_len: int) -> int:
+    """Response tokens a trajectory of this prompt may take in all."""
+    return self.cache_len - sampler.bucket_for(prompt_len, self.prompt_buckets)
+
+
+def continue_buckets(
+  prompt_len: int, budget: int, max_len: int
+) -> tuple[int, ...]:
+  """Context buckets for trajectories continued after j budget-long
+  segments: prompt_len + j * budget (exact fits), j >= 1, while a
+  continuation is possible (the context is shorter than max_len)."""
+  out, b = [], prompt_len + budget
+  while b < max_len:
+    out.append(b)
+    b += budget
+  return tuple(out)
 
 
 @dataclasses.dataclass
@@ -46,39 +101,343 @@ class Generation:
   status: int  # sampler.STOPPED / BUDGET / MAX_LEN / REPEAT
 
 
-def generate(params, prompts: list[list[int]], rng: jax.Array, *,
-             model: model_lib.ModelConfig, sampling: sampler.SamplingConfig,
-             gen: GenConfig, pad_id: int, shard_fn=None) -> list[Generation]:
-  """Samples one response per prompt. Deterministic for a given rng."""
-  if not prompts:
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One row of a sampler call: continue `prefix` after `prompt`."""
+
+  prompt: Sequence[int]
+  prefix: Sequence[int] = ()
+  max_new: int = _NO_CAP  # tokens this trajectory may still take
+
+
+def generate_segments(
+  params,
+  requests: Sequence[Request],
+  rng: jax.Array,
+  *,
+  model: model_lib.ModelConfig,
+  sampling: sampler.SamplingConfig,
+  gen: GenConfig,
+  pad_id: int,
+  shard_fn=None,
+) -> list[Generation]:
+  """One segment (at most `gen.budget` new tokens) for every request.
+
+  Returns per request (in order) the new tokens only. Deterministic for a
+  given rng and request list.
+  """
+  if not requests:
     return []
-  bucket = sampler.bucket_for(max(len(p) for p in prompts),
-                              gen.prompt_buckets)
-  out: list[Generation] = []
-  for c, start in enumerate(range(0, len(prompts), gen.rows)):
-    chunk = prompts[start:start + gen.rows]
-    rows = chunk + [[]] * (gen.rows - len(chunk))
-    toks, seg = sampler.left_pad(rows, bucket, pad_id)
+  buckets = gen.buckets
+  ctx = [list(q.prompt) + [int(t) for t in q.prefix] for q in requests]
+  row_bucket = [sampler.bucket_for(len(c), buckets) for c in ctx]
+  order = sorted(range(len(requests)), key=lambda i: row_bucket[i])
+  out: list[Generation | None] = [None] * len(requests)
+  for c, start in enumerate(range(0, len(order), gen.rows)):
+    chunk = order[start : start + gen.rows]
+    bucket = max(row_bucket[i] for i in chunk)
+    pad = gen.rows - len(chunk)
+    toks, seg = sampler.left_pad(
+      [ctx[i] for i in chunk] + [[]] * pad, bucket, pad_id
+    )
+    max_new = np.array(
+      [min(requests[i].max_new, _NO_CAP) for i in chunk] + [1] * pad, np.int32
+    )
     if shard_fn is not None:
-      toks, seg = shard_fn((toks, seg))
+      toks, seg, max_new = shard_fn((toks, seg, max_new))
     state = sampler.generate(
-        params, toks, seg, jax.random.fold_in(rng, c), model=model,
-        cfg=sampling, budget=gen.budget, cache_len=gen.cache_len,
-        pad_id=pad_id)
+      params,
+      toks,
+      seg,
+      jax.random.fold_in(rng, c),
+      model=model,
+      cfg=sampling,
+      budget=gen.budget,
+      cache_len=bucket + gen.budget,
+      pad_id=pad_id,
+      max_new_B=max_new,
+    )
     tokens, logp, slp, length, status = jax.device_get(
-        (state.tokens, state.logp, state.sample_logp, state.length,
-         state.status))
-    for i in range(len(chunk)):
-      n = int(length[i])
-      out.append(Generation(list(chunk[i]), tokens[i, :n].copy(),
-                            logp[i, :n].copy(), slp[i, :n].copy(),
-                            int(status[i])))
+      (state.tokens, state.logp, state.sample_logp, state.length, state.status)
+    )
+    del state  # the KV cache is freed before the next call
+    for j, i in enumerate(chunk):
+      n = int(length[j])
+      out[i] = Generation(
+        list(requests[i].prompt),
+        tokens[j, :n].copy(),
+        logp[j, :n].copy(),
+        slp[j, :n].copy(),
+        int(status[j]),
+      )
   return out
 
 
-def to_batch(prompts: list[list[int]], responses: list[np.ndarray], *,
-             prompt_len: int, response_len: int, pad_id: int,
-             rows: int | None = None) -> dict[str, np.ndarray]:
+def generate(
+  params,
+  prompts: list[list[int]],
+  rng: jax.Array,
+  *,
+  model: model_lib.ModelConfig,
+  sampling: sampler.SamplingConfig,
+  gen: GenConfig,
+  pad_id: int,
+  shard_fn=None,
+) -> list[Generation]:
+  """Samples one response per prompt. Deterministic for a given rng.
+
+  A row cut by the budget is continued (prompt + response re-prefilled)
+  while `gen.continue_buckets` holds it and max_len allows; otherwise it
+  ends with status BUDGET.
+  """
+  reqs = [Request(p, (), gen.max_response(len(p))) for p in prompts]
+  gens = generate_segments(
+    params,
+    reqs,
+    rng,
+    model=model,
+    sampling=sampling,
+    gen=gen,
+    pad_id=pad_id,
+    shard_fn=shard_fn,
+  )
+  if not gen.continue_buckets:
+    return gens
+  seg_rng = jax.random.fold_in(rng, 0x5E6)
+  for rnd in range(1, gen.cache_len):
+    todo = [i for i, g in enumerate(gens) if g.status == sampler.BUDGET]
+    if not todo:
+      break
+    reqs = [
+      Request(
+        gens[i].prompt,
+        gens[i].response,
+        gen.max_response(len(gens[i].prompt)) - len(gens[i].response),
+      )
+      for i in todo
+    ]
+    more = generate_segments(
+      params,
+      reqs,
+      jax.random.fold_in(seg_rng, rnd),
+      model=model,
+      sampling=sampling,
+      gen=gen,
+      pad_id=pad_id,
+      shard_fn=shard_fn,
+    )
+    for i, m in zip(todo, more, strict=True):
+      g = gens[i]
+      gens[i] = Generation(
+        g.prompt,
+        np.concatenate([g.response, m.response]),
+        np.concatenate([g.logp, m.logp]),
+        np.concatenate([g.sample_logp, m.sample_logp]),
+        m.status,
+      )
+  return gens
+
+
+# ---------------------------------------------------------------------------
+# The partial-rollout buffer
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Trajectory:
+  """One sample of a group; `status` is RUNNING until it has finished."""
+
+  response: np.ndarray  # [n] int32
+  logp: np.ndarray  # [n] f32 behaviour log-probs (model, temperature 1)
+  version: np.ndarray  # [n] int32 iteration whose policy sampled the token
+  cap: int  # response tokens it may take in all (max_len - prompt bucket)
+  status: int = sampler.RUNNING
+
+  @property
+  def finished(self) -> bool:
+    return self.status != sampler.RUNNING
+
+
+@dataclasses.dataclass
+class Group:
+  """The k samples of one prompt; trained on once all have finished."""
+
+  gid: int
+  problem: int  # index into the RL problem set
+  prompt: list[int]
+  born: int  # iteration the group started
+  members: list[Trajectory]
+
+  @property
+  def finished(self) -> bool:
+    return all(t.finished for t in self.members)
+
+
+def _enc(x: np.ndarray, dtype) -> str:
+  return base64.b64encode(np.ascontiguousarray(x, dtype).tobytes()).decode()
+
+
+def _dec(s: str, dtype) -> np.ndarray:
+  return np.frombuffer(base64.b64decode(s), dtype).copy()
+
+
+class RolloutBuffer:
+  """Groups in flight, oldest first (see the module docstring).
+
+  partial=False: a trajectory cut by the budget is final (status BUDGET),
+  so every group finishes in the iteration it starts.
+  """
+
+  def __init__(self, k: int, *, partial: bool):
+    self.k = k
+    self.partial = partial
+    self.groups: list[Group] = []
+    self.next_gid = 0
+
+  def start(
+    self,
+    problems: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    iteration: int,
+    caps: Sequence[int],
+  ) -> None:
+    """New groups of k empty trajectories; caps[i] for problem i."""
+    for p, q, cap in zip(problems, prompts, caps, strict=True):
+      members = [
+        Trajectory(
+          np.zeros(0, np.int32),
+          np.zeros(0, np.float32),
+          np.zeros(0, np.int32),
+          int(cap),
+        )
+        for _ in range(self.k)
+      ]
+      self.groups.append(
+        Group(self.next_gid, int(p), list(q), iteration, members)
+      )
+      self.next_gid += 1
+
+  def running(self) -> list[tuple[Group, Trajectory]]:
+    """Every unfinished trajectory, oldest group first."""
+    return [(g, t) for g in self.groups for t in g.members if not t.finished]
+
+  def requests(self) -> tuple[list[tuple[Group, Trajectory]], list[Request]]:
+    todo = self.running()
+    return todo, [
+      Request(g.prompt, t.response, t.cap - len(t.response)) for g, t in todo
+    ]
+
+  def record(
+    self,
+    todo: Sequence[tuple[Group, Trajectory]],
+    gens: Sequence[Generation],
+    iteration: int,
+  ) -> None:
+    """Appends this iteration's segments; settles who has finished."""
+    for (_, t), g in zip(todo, gens, strict=True):
+      t.response = np.concatenate([t.response, g.response.astype(np.int32)])
+      t.logp = np.concatenate([t.logp, g.logp.astype(np.float32)])
+      t.version = np.concatenate(
+        [t.version, np.full(len(g.response), iteration, np.int32)]
+      )
+      status = g.status
+      if status == sampler.BUDGET and len(t.response) >= t.cap:
+        status = sampler.MAX_LEN
+      if status == sampler.BUDGET and self.partial:
+        status = sampler.RUNNING  # carried over to the next iteration
+      t.status = status
+
+  def pop_finished(self, max_groups: int) -> list[Group]:
+    """Up to `max_groups` finished groups, oldest first; removed."""
+    done = [g for g in self.groups if g.finished][:max_groups]
+    ids = {g.gid for g in done}
+    self.groups = [g for g in self.groups if g.gid not in ids]
+    return done
+
+  def num_finished(self) -> int:
+    return sum(g.finished for g in self.groups)
+
+  def metrics(self, iteration: int) -> dict[str, float]:
+    running = self.running()
+    oldest = min(
+      (int(t.version.min()) for _, t in running if len(t.version)),
+      default=iteration,
+    )
+    return dict(
+      buffer_groups=float(len(self.groups)),
+      buffer_running=float(len(running)),
+      buffer_finished_groups=float(self.num_finished()),
+      buffer_oldest_age=float(iteration - oldest),
+    )
+
+  def state_dict(self) -> dict:
+    """JSON-able and exact (arrays as base64 of their bytes)."""
+    return dict(
+      k=self.k,
+      partial=self.partial,
+      next_gid=self.next_gid,
+      groups=[
+        dict(
+          gid=g.gid,
+          problem=g.problem,
+          prompt=g.prompt,
+          born=g.born,
+          members=[
+            dict(
+              response=_enc(t.response, "<i4"),
+              logp=_enc(t.logp, "<f4"),
+              version=_enc(t.version, "<i4"),
+              cap=t.cap,
+              status=t.status,
+            )
+            for t in g.members
+          ],
+        )
+        for g in self.groups
+      ],
+    )
+
+  def load_state_dict(self, d: dict) -> None:
+    if int(d["k"]) != self.k:
+      raise ValueError(
+        f"rollout buffer: checkpoint has k={d['k']}, the config k={self.k}"
+      )
+    self.next_gid = int(d["next_gid"])
+    self.groups = [
+      Group(
+        int(g["gid"]),
+        int(g["problem"]),
+        [int(x) for x in g["prompt"]],
+        int(g["born"]),
+        [
+          Trajectory(
+            _dec(t["response"], "<i4"),
+            _dec(t["logp"], "<f4"),
+            _dec(t["version"], "<i4"),
+            int(t["cap"]),
+            int(t["status"]),
+          )
+          for t in g["members"]
+        ],
+      )
+      for g in d["groups"]
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Training rows
+# ---------------------------------------------------------------------------
+
+
+def to_batch(
+  prompts: list[list[int]],
+  responses: list[np.ndarray],
+  *,
+  prompt_len: int,
+  response_len: int,
+  pad_id: int,
+  rows: int | None = None,
+) -> dict[str, np.ndarray]:
   """Training rows [prompt | response]; `rows` pads B with empty rows.
 
   Returns tokens_BxT, seg_BxT (1 on real tokens), loss_mask_BxT (response
@@ -95,21 +454,30 @@ def to_batch(prompts: list[list[int]], responses: list[np.ndarray], *,
   weight = np.zeros((B,), np.float32)
   for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
     if len(p) > prompt_len or len(r) > response_len:
-      raise ValueError(f"row {i}: prompt {len(p)} / response {len(r)} tokens "
-                       f"exceed {prompt_len} / {response_len}")
-    tokens[i, prompt_len - len(p):prompt_len] = p
-    tokens[i, prompt_len:prompt_len + len(r)] = r
-    seg[i, prompt_len - len(p):prompt_len + len(r)] = 1
-    mask[i, prompt_len:prompt_len + len(r)] = True
+      raise ValueError(
+        f"row {i}: prompt {len(p)} / response {len(r)} tokens "
+        f"exceed {prompt_len} / {response_len}"
+      )
+    tokens[i, prompt_len - len(p) : prompt_len] = p
+    tokens[i, prompt_len : prompt_len + len(r)] = r
+    seg[i, prompt_len - len(p) : prompt_len + len(r)] = 1
+    mask[i, prompt_len : prompt_len + len(r)] = True
     weight[i] = 1.0
-  return dict(tokens_BxT=tokens, seg_BxT=seg, loss_mask_BxT=mask,
-              sample_weight_B=weight)
+  return dict(
+    tokens_BxT=tokens, seg_BxT=seg, loss_mask_BxT=mask, sample_weight_B=weight
+  )
 
 
-def place_per_token(values: list[np.ndarray], *, prompt_len: int, T: int,
-                    rows: int) -> np.ndarray:
+def place_per_token(
+  values: list[np.ndarray],
+  *,
+  prompt_len: int,
+  T: int,
+  rows: int,
+  dtype=np.float32,
+) -> np.ndarray:
   """Aligns per-response-token values (e.g. behaviour log-probs) to [B, T]."""
-  out = np.zeros((rows, T), np.float32)
+  out = np.zeros((rows, T), dtype)
   for i, v in enumerate(values):
-    out[i, prompt_len:prompt_len + len(v)] = v
+    out[i, prompt_len : prompt_len + len(v)] = v
   return out

@@ -6,18 +6,34 @@ RoPE positions start at 0 on its first real token. Generated tokens go to a
 fixed [B, N] buffer (N = the per-call budget), so nothing recompiles across
 calls with the same (B, P, N, S).
 
-`prefill` runs one forward over the prompts and samples the first token;
-`decode` is one `lax.while_loop` that feeds one token per step and exits as
-soon as every row has stopped (stop token, budget, cache end or repetition).
-For every generated token we keep its log-prob under the model at temperature
-1 (what the loss uses) and under the actual sampling distribution.
+`prefill` runs one forward of `model.Decoder` over the prompts and samples
+the first new token; `decode` is one `lax.while_loop` that feeds one token
+per step and exits as soon as every row has stopped (stop token, budget,
+the row's own length limit, cache end or repetition). For every generated
+token we keep its log-prob under the model at temperature 1 (what the loss
+uses) and under the actual sampling distribution.
+
+Decode speed. A decode step is one token per row, so it is bound by reading
+the weights and the cache, and XLA:CPU materialises every slice of a stacked
+[L, ...] array that feeds a matmul (on CPU that copy cost as much as the
+matmuls). So the decode step is written out here (`_decode_forward`, the
+same math as `model.Block`, pinned against the full forward by
+tests/test_sampler.py) over a cache that holds one [B, K, S, Dh] array per
+layer (attention reads it in place; the new key is written into it in
+place), and over per-layer weights sliced from the trainer's stacked arrays
+once per `decode` call rather than once per step. (Slicing inside the step
+peaks at the same memory on XLA:CPU, which keeps all of a step's slices
+alive at once, and was 13% slower for a 75M model; on TPU the slices are
+views either way.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -27,27 +43,66 @@ from k15 import model as model_lib
 
 # Row status codes.
 RUNNING, STOPPED, BUDGET, MAX_LEN, REPEAT = 0, 1, 2, 3, 4
-STATUS_NAMES = {RUNNING: "running", STOPPED: "normal stop",
-                BUDGET: "cut by budget", MAX_LEN: "cut by length",
-                REPEAT: "repeat, early stop"}
+STATUS_NAMES = {
+  RUNNING: "running",
+  STOPPED: "normal stop",
+  BUDGET: "cut by budget",
+  MAX_LEN: "cut by length",
+  REPEAT: "repeat, early stop",
+}
+METHODS = ("gumbel", "cdf")
+_NO_LIMIT = np.iinfo(np.int32).max
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
+  """Static sampling settings (hashable: a jit static argument).
+
+  method: how a token is drawn from the (filtered, tempered) distribution.
+    "gumbel" is `jax.random.categorical` (V random numbers per row and
+    step); "cdf" inverts the CDF with one uniform per row (the same
+    distribution, other draws; much cheaper for large vocabularies on CPU).
+  repeat_*: a row stops with status REPEAT when its last `repeat_ngram`
+    tokens occur `repeat_count` times, without overlapping, within its last
+    `repeat_window` generated tokens. repeat_ngram = 0 turns it off.
+  """
+
   temperature: float = 1.0
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1 = off
   stop_tokens: tuple[int, ...] = ()
-  # Repeat detection: a row stops with status REPEAT when its last
-  # `repeat_ngram` tokens have occurred `repeat_count` times (non-overlapping
-  # or not) within its last `repeat_window` generated tokens. 0 = off.
+  method: str = "gumbel"
   repeat_ngram: int = 0
   repeat_window: int = 64
   repeat_count: int = 4
 
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(
+        f"sampler.method={self.method!r}; expected one of {METHODS}"
+      )
+    if self.repeat_ngram < 0 or self.repeat_count < 1:
+      raise ValueError(
+        f"sampler.repeat_ngram={self.repeat_ngram} must be >= 0 and "
+        f"sampler.repeat_count={self.repeat_count} >= 1"
+      )
+    if self.repeat_ngram and (
+      self.repeat_window < self.repeat_ngram * self.repeat_count
+    ):
+      raise ValueError(
+        f"sampler.repeat_window={self.repeat_window} is shorter than "
+        f"repeat_ngram * repeat_count = "
+        f"{self.repeat_ngram * self.repeat_count}: nothing could repeat"
+      )
+    object.__setattr__(
+      self, "stop_tokens", tuple(int(t) for t in self.stop_tokens)
+    )
+
 
 @flax.struct.dataclass
 class SamplingState:
+  # {"k": L x [B, K, S, Dh], "v": L x [B, K, S, Dh], "pos": [B, S],
+  #  "seg": [B, S]}: one array per layer, so decode updates it in place
   cache: dict
   index: jax.Array  # [] next cache slot to write
   last_token: jax.Array  # [B] token to feed next
@@ -56,9 +111,15 @@ class SamplingState:
   logp: jax.Array  # [B, N] model log-prob at temperature 1
   sample_logp: jax.Array  # [B, N] log-prob under the sampling distribution
   length: jax.Array  # [B] tokens generated so far in this call
+  limit: jax.Array  # [B] a row reaching this length stops with MAX_LEN
   status: jax.Array  # [B] RUNNING / STOPPED / BUDGET / MAX_LEN / REPEAT
   rng: jax.Array
   step: jax.Array  # [] decode steps taken (for rng folding)
+
+
+# ---------------------------------------------------------------------------
+# Drawing a token
+# ---------------------------------------------------------------------------
 
 
 def _filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -76,24 +137,83 @@ def _filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
   return x
 
 
+def _block_size(V: int) -> int:
+  return max(8, 1 << int(round(math.log2(max(V, 1)) / 2)))
+
+
+def sample_cdf(rng: jax.Array, x_BxV: jax.Array) -> jax.Array:
+  """A token per row from softmax(x) by inverting its CDF at one uniform.
+
+  Two levels (blocks of ~sqrt(V) tokens, then tokens within the chosen
+  block), so no cumulative sum runs over all of V. Tokens with probability
+  0 (x = -inf) are never drawn.
+  """
+  B, V = x_BxV.shape
+  bs = _block_size(V)
+  nb = -(-V // bs)
+  p_BxV = jnp.exp(x_BxV - jnp.max(x_BxV, axis=-1, keepdims=True))
+  p_BxNxC = jnp.pad(p_BxV, ((0, 0), (0, nb * bs - V))).reshape(B, nb, bs)
+  cum_BxN = jnp.cumsum(p_BxNxC.sum(-1), axis=-1)
+  u_Bx1 = jax.random.uniform(rng, (B, 1)) * cum_BxN[:, -1:]
+  # rounding can put u at or past the total: fall back to the last block
+  # (then the last token) that has any mass
+  nonzero_BxN = cum_BxN > jnp.concatenate(
+    [jnp.zeros((B, 1)), cum_BxN[:, :-1]], axis=-1
+  )
+  last_blk_B = nb - 1 - jnp.argmax(nonzero_BxN[:, ::-1], axis=-1)
+  blk_B = jnp.minimum(jnp.sum(cum_BxN <= u_Bx1, axis=-1), last_blk_B)
+  p_BxC = jnp.take_along_axis(p_BxNxC, blk_B[:, None, None], 1)[:, 0]
+  before_B = jnp.where(
+    blk_B > 0,
+    jnp.take_along_axis(cum_BxN, jnp.maximum(blk_B - 1, 0)[:, None], 1)[:, 0],
+    0.0,
+  )
+  cum_BxC = before_B[:, None] + jnp.cumsum(p_BxC, axis=-1)
+  last_tok_B = bs - 1 - jnp.argmax((p_BxC > 0)[:, ::-1], axis=-1)
+  tok_B = jnp.minimum(jnp.sum(cum_BxC <= u_Bx1, axis=-1), last_tok_B)
+  return (blk_B * bs + tok_B).astype(jnp.int32)
+
+
 def sample_token(rng, logits_BxV, cfg: SamplingConfig):
   """Returns (token [B], logp at T=1 [B], logp under sampling dist [B])."""
   logits_BxV = logits_BxV.astype(jnp.float32)
-  filt = _filter_logits(logits_BxV, cfg)
+  plain = cfg.temperature == 1.0 and cfg.top_k == 0 and cfg.top_p >= 1.0
+  filt = logits_BxV if plain else _filter_logits(logits_BxV, cfg)
   if cfg.temperature <= 0:
     tok = jnp.argmax(logits_BxV, axis=-1)
-    samp_lp = jnp.zeros(tok.shape, jnp.float32)
+  elif cfg.method == "cdf":
+    tok = sample_cdf(rng, filt)
   else:
     tok = jax.random.categorical(rng, filt, axis=-1)
-    samp_lp = jnp.take_along_axis(jax.nn.log_softmax(filt), tok[:, None],
-                                  -1)[:, 0]
-  lp = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), tok[:, None],
-                           -1)[:, 0]
-  return tok.astype(jnp.int32), lp, samp_lp
+  tok = tok.astype(jnp.int32)
+
+  def logp_of(x_BxV):
+    picked = jnp.take_along_axis(x_BxV, tok[:, None], -1)[:, 0]
+    return picked - jax.nn.logsumexp(x_BxV, axis=-1)
+
+  lp = logp_of(logits_BxV)
+  if cfg.temperature <= 0:
+    samp_lp = jnp.zeros(tok.shape, jnp.float32)
+  else:
+    samp_lp = lp if plain else logp_of(filt)
+  return tok, lp, samp_lp
 
 
-def _record(state: SamplingState, tok_B, lp_B, slp_B, *, cfg: SamplingConfig,
-            pad_id: int, cache_len: int) -> SamplingState:
+# ---------------------------------------------------------------------------
+# Status bookkeeping and repeat detection
+# ---------------------------------------------------------------------------
+
+
+def _record(
+  state: SamplingState,
+  tok_B,
+  lp_B,
+  slp_B,
+  *,
+  cfg: SamplingConfig,
+  pad_id: int,
+  cache_len: int,
+) -> SamplingState:
   """Writes the sampled token of every running row and updates status."""
   B, N = state.tokens.shape
   running = state.status == RUNNING
@@ -107,132 +227,402 @@ def _record(state: SamplingState, tok_B, lp_B, slp_B, *, cfg: SamplingConfig,
   is_stop = jnp.isin(tok_B, jnp.asarray(cfg.stop_tokens or (-1,), jnp.int32))
   status = jnp.where(running & is_stop, STOPPED, status)
   if cfg.repeat_ngram > 0:
-    rep = detect_repeat(tokens, length, ngram=cfg.repeat_ngram,
-                        window=cfg.repeat_window, count=cfg.repeat_count)
+    rep = detect_repeat(
+      tokens,
+      length,
+      ngram=cfg.repeat_ngram,
+      window=cfg.repeat_window,
+      count=cfg.repeat_count,
+    )
     status = jnp.where((status == RUNNING) & rep, REPEAT, status)
-  # the next token would be written at cache slot `index` (after this one)
+  # the row's own cap (prompt + response <= max_len) is final, the budget
+  # is not (a partial rollout continues it), so the cap wins a tie
+  status = jnp.where(
+    (status == RUNNING) & (length >= state.limit), MAX_LEN, status
+  )
   status = jnp.where((status == RUNNING) & (length >= N), BUDGET, status)
-  status = jnp.where((status == RUNNING) & (state.index + 1 >= cache_len),
-                     MAX_LEN, status)
+  # the next token would be written at cache slot `index` (after this one)
+  status = jnp.where(
+    (status == RUNNING) & (state.index + 1 >= cache_len), MAX_LEN, status
+  )
   last = jnp.where(running, tok_B, pad_id)
-  return state.replace(tokens=tokens, logp=logp, sample_logp=sample_logp,
-                       length=length, status=status, last_token=last)
+  return state.replace(
+    tokens=tokens,
+    logp=logp,
+    sample_logp=sample_logp,
+    length=length,
+    status=status,
+    last_token=last,
+  )
 
 
-def detect_repeat(tokens_BxN, length_B, *, ngram: int, window: int,
-                  count: int) -> jax.Array:
-  """True where a row's last `ngram` tokens occur >= `count` times in its last
-  `window` generated tokens (degenerate looping). Pure; jittable."""
+def detect_repeat(
+  tokens_BxN, length_B, *, ngram: int, window: int, count: int
+) -> jax.Array:
+  """True where a row's last `ngram` tokens occur `count` times, without
+  overlapping, within its last `window` generated tokens (degenerate
+  looping). Pure; jittable; O(B * window * (ngram + count)).
+
+  Non-overlapping, so a run of one repeated token needs ngram * count
+  tokens ("1000000" is not a loop at ngram=3, count=4); occurrences are
+  picked greedily from the end, which finds the most there are.
+  """
   B, N = tokens_BxN.shape
-  idx = jnp.arange(N)
-  # rows' last n-gram, gathered per row
-  last_start = length_B - ngram  # [B]
-  gram_idx = last_start[:, None] + jnp.arange(ngram)[None, :]  # [B, n]
-  gram = jnp.take_along_axis(tokens_BxN, jnp.clip(gram_idx, 0, N - 1), 1)
-  # match[b, s] = tokens[b, s:s+n] == gram[b]
-  match = jnp.ones((B, N), bool)
+  W = min(window, N)
+  n_starts = W - ngram + 1
+  if n_starts <= 0:
+    return jnp.zeros((B,), bool)
+  # the row's last W tokens (positions length - W .. length - 1)
+  first_B = length_B - W
+  idx_BxW = first_B[:, None] + jnp.arange(W)[None, :]
+  win_BxW = jnp.take_along_axis(tokens_BxN, jnp.clip(idx_BxW, 0, N - 1), 1)
+  gram_Bxn = win_BxW[:, W - ngram :]
+  match_BxS = idx_BxW[:, :n_starts] >= 0  # starts inside the response
   for j in range(ngram):
-    shifted = jnp.roll(tokens_BxN, -j, axis=1)
-    match &= shifted == gram[:, j:j + 1]
-  start_ok = (idx[None, :] <= last_start[:, None]) & (
-      idx[None, :] >= (length_B - window)[:, None]) & (idx[None, :] >= 0)
-  hits = jnp.sum(match & start_ok, axis=1)
-  return (length_B >= ngram * count) & (hits >= count)
+    match_BxS &= win_BxW[:, j : j + n_starts] == gram_Bxn[:, j : j + 1]
+  # greedy from the end: the last occurrence is the row's own last n-gram
+  # (start n_starts - 1); each next one must end before the previous starts
+  start_S = jnp.arange(n_starts)
+  prev_B = jnp.full((B,), n_starts - 1)
+  found_B = jnp.ones((B,), jnp.int32)
+  for _ in range(count - 1):
+    ok_BxS = match_BxS & (start_S[None, :] <= (prev_B - ngram)[:, None])
+    nxt_B = jnp.max(jnp.where(ok_BxS, start_S[None, :], -1), axis=1)
+    found_B += (nxt_B >= 0).astype(jnp.int32)
+    prev_B = jnp.where(nxt_B >= 0, nxt_B, -ngram - 1)
+  return (length_B >= ngram * count) & (found_B >= count)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "cfg", "budget", "cache_len", "pad_id"))
-def prefill(params, prompt_BxP: jax.Array, prompt_seg_BxP: jax.Array,
-            rng: jax.Array, *, model: model_lib.ModelConfig,
-            cfg: SamplingConfig, budget: int, cache_len: int,
-            pad_id: int = 0) -> SamplingState:
+# ---------------------------------------------------------------------------
+# The single-token forward
+# ---------------------------------------------------------------------------
+
+
+def _weights(params, model: model_lib.ModelConfig) -> dict:
+  """Per-layer weight dicts (static slices of the stacked params)."""
+  p = nn.unbox(params)
+  p = p["params"] if "params" in p else p
+  out_w = p["embedding"].T if model.tie_embeddings else p["lm_head"]
+  layers = p["layers"]
+  flat = {
+    k: v["scale"] if isinstance(v, dict) else v for k, v in layers.items()
+  }
+  per_layer = [
+    {k: v[i] for k, v in flat.items()} for i in range(model.num_layers)
+  ]
+  return dict(
+    embedding=p["embedding"],
+    out=out_w,
+    final_norm=p["final_norm"]["scale"],
+    layers=per_layer,
+  )
+
+
+def _rms(x, scale, model):
+  """`model.RMSNorm`, for the decode step."""
+  x = x.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + model.norm_eps)
+  return (x * scale.astype(jnp.float32)).astype(model.jnp_dtype)
+
+
+def _mm(spec, x, w, dt):
+  """einsum with float32 accumulation (bf16 takes the fast matmul path)."""
+  return jnp.einsum(
+    spec, x, w.astype(dt), preferred_element_type=jnp.float32
+  ).astype(dt)
+
+
+def _decode_block(
+  w,
+  x_BxD,
+  k_BxKxSxDh,
+  v_BxKxSxDh,
+  pos_B,
+  mask_BxS,
+  index,
+  model: model_lib.ModelConfig,
+):
+  """`model.Block` for one new token per row; writes its key and value."""
+  B = x_BxD.shape[0]
+  H, K, Dh = model.num_heads, model.num_kv_heads, model.head_dim
+  dt = model.jnp_dtype
+  h = _rms(x_BxD, w["attn_norm"], model)
+  q_BxHxDh = _mm("bd,dhk->bhk", h, w["q"], dt)
+  k_BxKxDh = _mm("bd,dhk->bhk", h, w["k"], dt)
+  v_BxKxDh = _mm("bd,dhk->bhk", h, w["v"], dt)
+  if model.qkv_bias:
+    q_BxHxDh += w["q_bias"].astype(dt)
+    k_BxKxDh += w["k_bias"].astype(dt)
+    v_BxKxDh += w["v_bias"].astype(dt)
+  rope = functools.partial(
+    model_lib.rope,
+    pos_BxT=pos_B[:, None],
+    theta=model.rope_theta,
+    scaling=model.rope_scaling,
+  )
+  q_BxHxDh = rope(q_BxHxDh[:, None])[:, 0]
+  k_BxKxDh = rope(k_BxKxDh[:, None])[:, 0]
+  k_BxKxSxDh = jax.lax.dynamic_update_slice_in_dim(
+    k_BxKxSxDh, k_BxKxDh[:, :, None].astype(k_BxKxSxDh.dtype), index, 2
+  )
+  v_BxKxSxDh = jax.lax.dynamic_update_slice_in_dim(
+    v_BxKxSxDh, v_BxKxDh[:, :, None].astype(v_BxKxSxDh.dtype), index, 2
+  )
+  # grouped-query attention of one query per row over the whole cache
+  q_BxKxGxDh = q_BxHxDh.reshape(B, K, H // K, Dh)
+  s_BxKxGxS = jnp.matmul(
+    q_BxKxGxDh,
+    jnp.swapaxes(k_BxKxSxDh, -1, -2),
+    preferred_element_type=jnp.float32,
+  )
+  s_BxKxGxS = jnp.where(
+    mask_BxS[:, None, None], s_BxKxGxS * (1.0 / math.sqrt(Dh)), -jnp.inf
+  )
+  m_BxKxGx1 = jnp.max(s_BxKxGxS, -1, keepdims=True)
+  m_BxKxGx1 = jnp.where(jnp.isfinite(m_BxKxGx1), m_BxKxGx1, 0.0)
+  p_BxKxGxS = jnp.exp(s_BxKxGxS - m_BxKxGx1)
+  l_BxKxGx1 = p_BxKxGxS.sum(-1, keepdims=True)
+  p_BxKxGxS = p_BxKxGxS / jnp.where(l_BxKxGx1 == 0, 1.0, l_BxKxGx1)
+  o_BxKxGxDh = jnp.matmul(
+    p_BxKxGxS.astype(v_BxKxSxDh.dtype),
+    v_BxKxSxDh,
+    preferred_element_type=jnp.float32,
+  )
+  o_BxHxDh = o_BxKxGxDh.reshape(B, H, Dh).astype(dt)
+  x_BxD = x_BxD + _mm("bhk,hkd->bd", o_BxHxDh, w["o"], dt)
+  h = _rms(x_BxD, w["mlp_norm"], model)
+  g_BxF = _mm("bd,df->bf", h, w["gate"], dt)
+  u_BxF = _mm("bd,df->bf", h, w["up"], dt)
+  x_BxD = x_BxD + _mm("bf,fd->bd", nn.silu(g_BxF) * u_BxF, w["down"], dt)
+  return x_BxD, k_BxKxSxDh, v_BxKxSxDh
+
+
+def _decode_forward(
+  w: dict,
+  tok_B,
+  pos_B,
+  seg_B,
+  cache: dict,
+  index,
+  *,
+  model: model_lib.ModelConfig,
+):
+  """Logits [B, V] (f32) of one new token per row, and the updated cache."""
+  dt = model.jnp_dtype
+  x_BxD = w["embedding"].astype(dt)[tok_B]
+  kv_pos_BxS = jax.lax.dynamic_update_slice_in_dim(
+    cache["pos"], pos_B[:, None], index, axis=1
+  )
+  kv_seg_BxS = jax.lax.dynamic_update_slice_in_dim(
+    cache["seg"], seg_B[:, None], index, axis=1
+  )
+  # the mask rule of `attention.attend` for one query per row
+  mask_BxS = (
+    (kv_seg_BxS != 0)
+    & (kv_seg_BxS == seg_B[:, None])
+    & (kv_pos_BxS <= pos_B[:, None])
+  )
+  ks, vs = [], []
+  for i, lw in enumerate(w["layers"]):
+    x_BxD, k, v = _decode_block(
+      lw, x_BxD, cache["k"][i], cache["v"][i], pos_B, mask_BxS, index, model
+    )
+    ks.append(k)
+    vs.append(v)
+  h_BxD = _rms(x_BxD, w["final_norm"], model)
+  logits_BxV = jnp.einsum(
+    "bd,dv->bv", h_BxD, w["out"].astype(dt), preferred_element_type=jnp.float32
+  )
+  return logits_BxV, dict(
+    k=tuple(ks), v=tuple(vs), pos=kv_pos_BxS, seg=kv_seg_BxS
+  )
+
+
+def _to_decode_cache(cache: dict, cache_len: int) -> dict:
+  """The model's stacked [L, B, P, K, Dh] prompt cache -> per-layer
+  [B, K, S, Dh] arrays with room for S - P new keys (segment 0)."""
+  P = cache["pos"].shape[1]
+  pad = cache_len - P
+
+  def layer(x_BxPxKxDh):
+    x = jnp.swapaxes(x_BxPxKxDh, 1, 2)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+  L = cache["k"].shape[0]
+  return dict(
+    k=tuple(layer(cache["k"][i]) for i in range(L)),
+    v=tuple(layer(cache["v"][i]) for i in range(L)),
+    pos=jnp.pad(cache["pos"], ((0, 0), (0, pad))),
+    seg=jnp.pad(cache["seg"], ((0, 0), (0, pad))),
+  )
+
+
+# ---------------------------------------------------------------------------
+# prefill / decode
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(
+  jax.jit, static_argnames=("model", "cfg", "budget", "cache_len", "pad_id")
+)
+def prefill(
+  params,
+  prompt_BxP: jax.Array,
+  prompt_seg_BxP: jax.Array,
+  rng: jax.Array,
+  *,
+  model: model_lib.ModelConfig,
+  cfg: SamplingConfig,
+  budget: int,
+  cache_len: int,
+  pad_id: int = 0,
+  max_new_B: jax.Array | None = None,
+) -> SamplingState:
   """One forward over left-padded prompts; samples the first new token.
 
-  prompt_seg_BxP: 1 on real tokens, 0 on (left) padding.
+  prompt_seg_BxP: 1 on real tokens, 0 on (left) padding; a row with no real
+  token is a padding row and starts stopped (length 0).
+  max_new_B: optional per-row cap on new tokens (e.g. what is left of
+  max_len for a continued trajectory); a row reaching it stops with MAX_LEN.
   """
   B, P = prompt_BxP.shape
   if cache_len < P + 1:
-    raise ValueError(f"cache_len={cache_len} must exceed the prompt bucket "
-                     f"{P}")
-  cache = model_lib.init_cache(model, B, cache_len)
+    raise ValueError(f"cache_len={cache_len} must exceed the prompt bucket {P}")
+  cache = model_lib.init_cache(model, B, P)
   pos_BxP = model_lib.positions_from_segments(prompt_seg_BxP)
   h_BxPxD, cache = model_lib.Decoder(model).apply(
-      params, prompt_BxP, pos_BxP, prompt_seg_BxP, cache, 0,
-      return_hidden=True)
+    params, prompt_BxP, pos_BxP, prompt_seg_BxP, cache, 0, return_hidden=True
+  )
   logits_BxV = model_lib.Decoder(model).apply(
-      params, h_BxPxD[:, -1:], method=model_lib.Decoder.logits)[:, 0]
+    params, h_BxPxD[:, -1:], method=model_lib.Decoder.logits
+  )[:, 0]
+  real_B = jnp.sum(prompt_seg_BxP != 0, axis=1).astype(jnp.int32)
+  limit_B = (
+    jnp.full((B,), _NO_LIMIT, jnp.int32)
+    if max_new_B is None
+    else jnp.asarray(max_new_B, jnp.int32)
+  )
   state = SamplingState(
-      cache=cache, index=jnp.asarray(P, jnp.int32),
-      last_token=jnp.full((B,), pad_id, jnp.int32),
-      next_pos=jnp.sum(prompt_seg_BxP != 0, axis=1).astype(jnp.int32),
-      tokens=jnp.full((B, budget), pad_id, jnp.int32),
-      logp=jnp.zeros((B, budget), jnp.float32),
-      sample_logp=jnp.zeros((B, budget), jnp.float32),
-      length=jnp.zeros((B,), jnp.int32),
-      status=jnp.full((B,), RUNNING, jnp.int32), rng=rng,
-      step=jnp.asarray(0, jnp.int32))
+    cache=_to_decode_cache(cache, cache_len),
+    index=jnp.asarray(P, jnp.int32),
+    last_token=jnp.full((B,), pad_id, jnp.int32),
+    next_pos=real_B,
+    tokens=jnp.full((B, budget), pad_id, jnp.int32),
+    logp=jnp.zeros((B, budget), jnp.float32),
+    sample_logp=jnp.zeros((B, budget), jnp.float32),
+    length=jnp.zeros((B,), jnp.int32),
+    limit=limit_B,
+    status=jnp.where(real_B > 0, RUNNING, STOPPED).astype(jnp.int32),
+    rng=rng,
+    step=jnp.asarray(0, jnp.int32),
+  )
   tok, lp, slp = sample_token(jax.random.fold_in(rng, 0), logits_BxV, cfg)
-  return _record(state, tok, lp, slp, cfg=cfg, pad_id=pad_id,
-                 cache_len=cache_len)
+  return _record(
+    state, tok, lp, slp, cfg=cfg, pad_id=pad_id, cache_len=cache_len
+  )
 
 
-def _decode_step(params, state: SamplingState, *, model, cfg, pad_id,
-                 cache_len) -> SamplingState:
+def _decode_step(
+  w, state: SamplingState, *, model, cfg, pad_id, cache_len
+) -> SamplingState:
   running = state.status == RUNNING
-  tok_Bx1 = state.last_token[:, None]
-  seg_Bx1 = running.astype(jnp.int32)[:, None]
-  logits, cache = model_lib.Decoder(model).apply(
-      params, tok_Bx1, state.next_pos[:, None], seg_Bx1, state.cache,
-      state.index)
+  logits_BxV, cache = _decode_forward(
+    w,
+    state.last_token,
+    state.next_pos,
+    running.astype(jnp.int32),
+    state.cache,
+    state.index,
+    model=model,
+  )
   step = state.step + 1
-  tok, lp, slp = sample_token(jax.random.fold_in(state.rng, step),
-                              logits[:, 0], cfg)
-  state = state.replace(cache=cache, index=state.index + 1,
-                        next_pos=state.next_pos + running.astype(jnp.int32),
-                        step=step)
-  return _record(state, tok, lp, slp, cfg=cfg, pad_id=pad_id,
-                 cache_len=cache_len)
+  tok, lp, slp = sample_token(
+    jax.random.fold_in(state.rng, step), logits_BxV, cfg
+  )
+  state = state.replace(
+    cache=cache,
+    index=state.index + 1,
+    next_pos=state.next_pos + running.astype(jnp.int32),
+    step=step,
+  )
+  return _record(
+    state, tok, lp, slp, cfg=cfg, pad_id=pad_id, cache_len=cache_len
+  )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "cfg", "max_steps", "pad_id"), donate_argnames=("state",))
-def decode(params, state: SamplingState, *, model: model_lib.ModelConfig,
-           cfg: SamplingConfig, max_steps: int, pad_id: int = 0
-           ) -> SamplingState:
+@functools.partial(
+  jax.jit,
+  static_argnames=("model", "cfg", "max_steps", "pad_id"),
+  donate_argnames=("state",),
+)
+def decode(
+  params,
+  state: SamplingState,
+  *,
+  model: model_lib.ModelConfig,
+  cfg: SamplingConfig,
+  max_steps: int,
+  pad_id: int = 0,
+) -> SamplingState:
   """Up to `max_steps` decode steps; exits when every row has stopped."""
   cache_len = state.cache["pos"].shape[1]
   start = state.step
+  w = _weights(params, model)
 
   def cond(s):
     return (s.step - start < max_steps) & jnp.any(s.status == RUNNING)
 
   def body(s):
-    return _decode_step(params, s, model=model, cfg=cfg, pad_id=pad_id,
-                        cache_len=cache_len)
+    return _decode_step(
+      w, s, model=model, cfg=cfg, pad_id=pad_id, cache_len=cache_len
+    )
 
   return jax.lax.while_loop(cond, body, state)
 
 
-def generate(params, prompt_BxP, prompt_seg_BxP, rng, *, model, cfg, budget,
-             cache_len, pad_id=0) -> SamplingState:
+def generate(
+  params,
+  prompt_BxP,
+  prompt_seg_BxP,
+  rng,
+  *,
+  model,
+  cfg,
+  budget,
+  cache_len,
+  pad_id=0,
+  max_new_B=None,
+) -> SamplingState:
   """prefill + decode to the budget (or until every row stops)."""
-  state = prefill(params, prompt_BxP, prompt_seg_BxP, rng, model=model,
-                  cfg=cfg, budget=budget, cache_len=cache_len, pad_id=pad_id)
-  return decode(params, state, model=model, cfg=cfg, max_steps=budget,
-                pad_id=pad_id)
+  state = prefill(
+    params,
+    prompt_BxP,
+    prompt_seg_BxP,
+    rng,
+    model=model,
+    cfg=cfg,
+    budget=budget,
+    cache_len=cache_len,
+    pad_id=pad_id,
+    max_new_B=max_new_B,
+  )
+  return decode(
+    params, state, model=model, cfg=cfg, max_steps=budget, pad_id=pad_id
+  )
 
 
-def left_pad(seqs: list[list[int]], bucket: int, pad_id: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+  seqs: list[list[int]], bucket: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
   """[B, bucket] tokens and segment ids (1 real / 0 pad), padded left."""
   toks = np.full((len(seqs), bucket), pad_id, np.int32)
   seg = np.zeros((len(seqs), bucket), np.int32)
   for i, s in enumerate(seqs):
     if len(s) > bucket:
       raise ValueError(f"prompt of {len(s)} tokens exceeds bucket {bucket}")
-    if s:
-      toks[i, bucket - len(s):] = s
-      seg[i, bucket - len(s):] = 1
+    if len(s):
+      toks[i, bucket - len(s) :] = s
+      seg[i, bucket - len(s) :] = 1
   return toks, seg
 
 
@@ -240,5 +630,7 @@ def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
   for b in sorted(buckets):
     if length <= b:
       return b
-  raise ValueError(f"prompt of {length} tokens exceeds the largest prompt "
-                   f"bucket {max(buckets)}")
+  raise ValueError(
+    f"prompt of {length} tokens exceeds the largest prompt "
+    f"bucket {max(buckets)}"
+  )
