@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from k15 import faults
 
@@ -194,6 +195,8 @@ class Checkpointer:
         used,
         dest,
       )
+    if jax.process_count() > 1:  # every host sees the move before reload
+      multihost_utils.sync_global_devices("k15 checkpoint set aside")
     self._mngr.reload()
 
 
