@@ -5,11 +5,15 @@ with the same parameters, checkpointed host state, summary and metrics.jsonl
 records, bit for bit on CPU, as a run that was never interrupted.
 
 Every run is `python -m k15.main` in a subprocess on the tiny runlocal config
-with 4 RL iterations, a checkpoint after each, and a length penalty so that RL
-updates are not zero. Kill points come from the test-only hook in
-`k15/faults.py` (K15_TEST_KILL_AT). Compiled programs are shared across the
-subprocesses through JAX's persistent compilation cache (K15_TEST_JAX_CACHE,
-default under the system temp dir), so each restart costs start-up only.
+with 4 RL iterations and a checkpoint after each, a length penalty (so that
+RL updates are not zero), prioritized prompt sampling (the draws depend on the
+checkpointed success statistics) and partial rollouts with a 16-token budget
+(trajectories continue across iterations from the checkpointed buffer; the
+first updates happen in step 3, when the first groups finish). Kill points
+come from the test-only hook in `k15/faults.py` (K15_TEST_KILL_AT). Compiled
+programs are shared across the subprocesses through JAX's persistent
+compilation cache (K15_TEST_JAX_CACHE, default under the system temp dir), so
+each restart costs start-up only.
 """
 
 import json
@@ -25,13 +29,22 @@ import orbax.checkpoint as ocp
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = (
-  "--config=experiments/tiny.py:runlocal",
-  "--config.rl.iterations=4",
-  "--config.ckpt.every=1",
-  "--config.length_penalty.schedule=constant",
-  "--config.length_penalty.weight=0.5",
-)
+# tiny.py has no partial-rollout fields to override, so the test's config
+# is a small experiment file built on it.
+CONFIG = """
+from k15 import config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.load({tiny!r}, "runlocal")
+  c.rl.iterations = 4
+  c.ckpt.every = 1
+  c.length_penalty.update(schedule="constant", weight=0.5)
+  c.data.strategy = "prioritized"
+  c.rollout.partial = True
+  c.rollout.budget = 16
+  return c
+"""
 STAGES = ("sft", "rl", "control")
 WALL_CLOCK = ("_time", "_per_s")  # metric keys that differ between runs
 
@@ -52,10 +65,24 @@ def _env(**extra):
   return env
 
 
-def run_main(workdir, *args, timeout=300, **env):
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+  path = tmp_path_factory.mktemp("config") / "resume.py"
+  path.write_text(CONFIG.format(tiny=os.path.join(REPO, "experiments/tiny.py")))
+  return str(path)
+
+
+def run_main(workdir, config, *args, timeout=300, **env):
   """Runs the main command; returns (returncode, stderr)."""
   p = subprocess.run(
-    [sys.executable, "-m", "k15.main", *ARGS, *args, f"--workdir={workdir}"],
+    [
+      sys.executable,
+      "-m",
+      "k15.main",
+      f"--config={config}",
+      *args,
+      f"--workdir={workdir}",
+    ],
     cwd=REPO,
     env=_env(**env),
     capture_output=True,
@@ -124,15 +151,17 @@ def assert_same_run(got_dir, want_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, config):
   workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
-  rc, err = run_main(workdir)
+  rc, err = run_main(workdir, config)
   assert rc == 0, err[-3000:]
   recs = metric_records(workdir)
   rl = [r for r in recs if r["stage"] == "rl"]
   assert [r["step"] for r in rl] == [1, 2, 3, 4]
-  # RL really changes the weights here (else resume could not go wrong)
-  assert all(r["grad_norm"] > 0 and r["skipped"] == 0 for r in rl), rl
+  # the state a resume must restore is really there: trajectories in flight
+  # at every checkpoint, and RL updates that change the weights
+  assert all(r["rollout/buffer_running"] > 0 for r in rl), rl
+  assert [r.get("grad_norm", 0) > 0 for r in rl] == [0, 0, 1, 1], rl
   return workdir
 
 
@@ -143,10 +172,10 @@ POINTS = (
   "sft:10:save",
   # rollout of RL step 2 done, nothing of it recorded
   "rl:2:rollout",
-  # preempted in RL step 2's update: it finishes step 2, checkpoints, exits 0
-  "rl:2:update:TERM",
-  # the first minibatch update of step 3 dispatched
-  "rl:3:update",
+  # preempted in RL step 3's update: it finishes step 3, checkpoints, exits 0
+  "rl:3:update:TERM",
+  # the first minibatch update of step 4 dispatched
+  "rl:4:update",
   # after the last RL iteration (no checkpoint at the last step) before eval
   "rl:4:eval",
   # control's first checkpoint half written: the stage restarts afresh and
@@ -155,12 +184,14 @@ POINTS = (
 )
 
 
-def test_killed_and_preempted_runs_resume_exactly(tmp_path, uninterrupted):
+def test_killed_and_preempted_runs_resume_exactly(
+  tmp_path, config, uninterrupted
+):
   workdir = str(tmp_path / "run")
   mid_save = False
   for point in (*POINTS, None):
     env = {"K15_TEST_KILL_AT": point} if point else {}
-    rc, err = run_main(workdir, **env)
+    rc, err = run_main(workdir, config, **env)
     if mid_save:  # the restart reported the interrupted save
       assert "half-written" in err, err[-3000:]
     if point is None:
