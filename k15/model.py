@@ -276,7 +276,11 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BxT, pos_BxT, seg_BxT, cache: Cache | None = None,
                index=0, return_hidden: bool = False):
     """Returns (hidden_BxTxD or logits_BxTxV, new cache or None)."""
-    x_BxTxD = self.embedding.astype(self.cfg.jnp_dtype)[tokens_BxT]
+    # gather the fsdp-split table (as FSDP does for every weight) before
+    # the lookup: a lookup into an embed-split table yields embed-split
+    # rows, which XLA can only turn into batch-split ones by a full copy
+    emb_VxD = nn.with_logical_constraint(self.embedding, ("vocab", None))
+    x_BxTxD = emb_VxD.astype(self.cfg.jnp_dtype)[tokens_BxT]
     if cache is None:
       kv_pos, kv_seg, layer_kv = pos_BxT, seg_BxT, None
     else:

@@ -495,10 +495,12 @@ def _sft_loop(r: Run, stage: str, state, start: int, steps: int,
   bar = metrics_lib.Progress(steps, stage, initial=start)
   t0 = time.time()
   for step in range(start, steps):
-    batch = r.shard(data.process_slice(ds[step]))
+    # this process's rows only (multi-host: each host loads its share)
+    batch = sharding.shard_batch(data.process_slice(ds[step]), r.mesh,
+                                 local=True)
     state, m = train.sft_step(state, batch, model=s.model, tx=r.sft_tx)
     faults.point(stage, step + 1, "update")
-    m = jax.device_get(m)
+    m = sharding.gather(m)
     skips = skips + 1 if m["skipped"] else 0
     dt = time.time() - t0
     t0 = time.time()
