@@ -37,12 +37,21 @@ from k15 import (
   objective,
   pipeline,
   rollout,
-  sharding,
   train,
 )
 from k15 import metrics as metrics_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
+
+_LOSS_KEYS = (
+  "tokens_BxT",
+  "seg_BxT",
+  "loss_mask_BxT",
+  "sample_weight_B",
+  "behaviour_logp_BxT",
+  "ref_logp_BxT",
+  "advantages_B",
+)
 
 
 def run_rl_stage(r, sft_state):
@@ -202,6 +211,33 @@ def rl_iteration(
   return state, out, skips
 
 
+def group_rewards(
+  correct_GxK: np.ndarray,
+  lengths_GxK: np.ndarray,
+  status_GxK: np.ndarray,
+  *,
+  iteration: int,
+  length_penalty,
+  repeat_penalty: float,
+) -> np.ndarray:
+  """The reward the baseline and advantages see (G x K float32): the
+  verifier's 0/1, plus the length reward after its warm-up, minus
+  `repeat_penalty` for a trajectory stopped as a repeat."""
+  lp = length_penalty
+  shaped_GxK = objective.shaped_rewards(
+    correct_GxK,
+    correct_GxK,
+    lengths_GxK,
+    iteration=iteration,
+    schedule=lp.schedule,
+    weight=lp.weight,
+    warmup=lp.warmup,
+    ramp=lp.ramp,
+  )
+  repeat_GxK = np.asarray(status_GxK) == sampler_lib.REPEAT
+  return shaped_GxK - np.float32(repeat_penalty) * repeat_GxK
+
+
 def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
   """Scores finished groups and takes the k1.5 update on them."""
   s = r.s
@@ -219,18 +255,15 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
   )
   status_GxK = np.array([t.status for t in trajs]).reshape(G, K)
   lp = s.length_penalty
-  shaped_GxK = objective.shaped_rewards(
-    correct_GxK,
+  shaped_GxK = group_rewards(
     correct_GxK,
     lengths_GxK,
+    status_GxK,
     iteration=it,
-    schedule=lp.schedule,
-    weight=lp.weight,
-    warmup=lp.warmup,
-    ramp=lp.ramp,
+    length_penalty=lp,
+    repeat_penalty=ro.repeat_penalty,
   )
   repeat_GxK = status_GxK == sampler_lib.REPEAT
-  shaped_GxK = shaped_GxK - np.float32(ro.repeat_penalty) * repeat_GxK
   adv_GxK = objective.advantages(
     shaped_GxK,
     correct_GxK,
@@ -241,33 +274,22 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
   )
   # Rows are laid out for P groups whatever G is (padding rows weigh 0),
   # and responses take a few column counts: no retrace per iteration.
-  P_len, rows = ro.prompt_len, P * K
+  rows = P * K
   N = _response_len(
     int(lengths_GxK.max()), ro.budget, ro.max_len - ro.prompt_len
   )
-  T = P_len + N
-  prompts = [g.prompt for g in groups for _ in range(K)]
-  batch = rollout.to_batch(
-    prompts,
-    [t.response for t in trajs],
-    prompt_len=P_len,
+  batch, old_BxT = rollout.training_batch(
+    groups,
+    adv_GxK,
+    iteration=it,
+    prompt_len=ro.prompt_len,
     response_len=N,
-    pad_id=r.tok.pad_id,
     rows=rows,
+    pad_id=r.tok.pad_id,
+    loss_segments=ro.loss_segments,
   )
-  batch["behaviour_logp_BxT"] = rollout.place_per_token(
-    [t.logp for t in trajs], prompt_len=P_len, T=T, rows=rows
-  )
-  version_BxT = rollout.place_per_token(
-    [t.version for t in trajs], prompt_len=P_len, T=T, rows=rows, dtype=np.int32
-  )
-  response_BxT = batch["loss_mask_BxT"]
-  old_BxT = response_BxT & (version_BxT < it)
-  if ro.loss_segments == "current":
-    batch["loss_mask_BxT"] = response_BxT & (version_BxT == it)
-  adv_B = np.zeros(rows, np.float32)
-  adv_B[: G * K] = adv_GxK.reshape(-1)
-  batch["advantages_B"] = adv_B
+  response_BxT = batch["response_BxT"]
+  T = ro.prompt_len + N
 
   # pi_theta_i's log-probs of every token (older segments included) are
   # the reference of this iteration's problem.
@@ -288,7 +310,7 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
         model=s.model,
       )
     )
-  batch["ref_logp_BxT"] = np.concatenate(sharding.gather(ref))
+  batch["ref_logp_BxT"] = np.concatenate(jax.device_get(ref))
 
   if s.rl.reset_optimizer:
     state = train.reset_optimizer(state, tx=r.tx)
@@ -301,7 +323,7 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
     for j in range(-(-n_real // mb)):
       sel = perm[j * mb : (j + 1) * mb]
       sel = np.concatenate([sel, pad_rows[: mb - len(sel)]])
-      mbatch = {k: v[sel] for k, v in batch.items()}
+      mbatch = {k: v[sel] for k, v in batch.items() if k in _LOSS_KEYS}
       if faults.nan_at("rl", it + 1, j):
         mbatch["advantages_B"] = np.full_like(mbatch["advantages_B"], np.nan)
       state, m = train.update_step(
@@ -309,7 +331,7 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
       )
       faults.point("rl", it + 1, "update")
       step_metrics.append(m)
-  step_metrics = sharding.gather(step_metrics)
+  step_metrics = jax.device_get(step_metrics)
   for m in step_metrics:
     skips = skips + 1 if m["skipped"] else 0
   t_end = time.time()

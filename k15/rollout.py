@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from k15 import model as model_lib
-from k15 import sampler, sharding
+from k15 import sampler
 
 _NO_CAP = 1 << 30
 
@@ -157,8 +157,7 @@ def generate_segments(
       pad_id=pad_id,
       max_new_B=max_new,
     )
-    # every process gets every row (multi-host: an all-gather)
-    tokens, logp, slp, length, status = sharding.gather(
+    tokens, logp, slp, length, status = jax.device_get(
       (state.tokens, state.logp, state.sample_logp, state.length, state.status)
     )
     del state  # the KV cache is freed before the next call
@@ -467,6 +466,58 @@ def to_batch(
   return dict(
     tokens_BxT=tokens, seg_BxT=seg, loss_mask_BxT=mask, sample_weight_B=weight
   )
+
+
+def training_batch(
+  groups: Sequence[Group],
+  adv_GxK: np.ndarray,
+  *,
+  iteration: int,
+  prompt_len: int,
+  response_len: int,
+  rows: int,
+  pad_id: int,
+  loss_segments: str = "all",
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """`to_batch` rows of finished groups' trajectories (padded to `rows`)
+  with behaviour log-probs, advantages and the loss mask.
+
+  loss_segments: "all" puts every response token in the loss; "current"
+  only the tokens this iteration's policy sampled (the report: "certain
+  segments can be excluded from loss computation"). Also returns
+  old_BxT: response tokens sampled by an earlier policy (for metrics).
+  The batch's response_BxT marks every response token (not a loss input).
+  """
+  if loss_segments not in ("all", "current"):
+    raise ValueError(f"loss_segments={loss_segments!r}: all | current")
+  trajs = [t for g in groups for t in g.members]
+  T = prompt_len + response_len
+  batch = to_batch(
+    [g.prompt for g in groups for _ in g.members],
+    [t.response for t in trajs],
+    prompt_len=prompt_len,
+    response_len=response_len,
+    pad_id=pad_id,
+    rows=rows,
+  )
+  batch["behaviour_logp_BxT"] = place_per_token(
+    [t.logp for t in trajs], prompt_len=prompt_len, T=T, rows=rows
+  )
+  version_BxT = place_per_token(
+    [t.version for t in trajs],
+    prompt_len=prompt_len,
+    T=T,
+    rows=rows,
+    dtype=np.int32,
+  )
+  response_BxT = batch["loss_mask_BxT"]
+  batch["response_BxT"] = response_BxT
+  if loss_segments == "current":
+    batch["loss_mask_BxT"] = response_BxT & (version_BxT == iteration)
+  adv_B = np.zeros(rows, np.float32)
+  adv_B[: len(trajs)] = np.asarray(adv_GxK, np.float32).reshape(-1)
+  batch["advantages_B"] = adv_B
+  return batch, response_BxT & (version_BxT < iteration)
 
 
 def place_per_token(

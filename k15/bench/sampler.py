@@ -58,31 +58,35 @@ def _model(args) -> model_lib.ModelConfig:
   )
 
 
-def _best(fn, repeat: int) -> float:
-  """Min wall seconds of fn() (which must block) over `repeat` calls."""
-  best = float("inf")
-  for _ in range(repeat):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
+def _timer(fn):
+  """(result, wall seconds, process CPU seconds) of one blocking call."""
+  c0, t0 = time.process_time(), time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure_matmul_flops(dtype: str, n: int = 2048, repeat: int = 5) -> float:
-  """FLOP/s of one jitted [n, n] @ [n, n] matmul (the compute roof)."""
+def _best(fn, repeat: int) -> tuple[float, float]:
+  """Min (wall, cpu) seconds of fn() over `repeat` calls."""
+  runs = [_timer(fn)[1:] for _ in range(repeat)]
+  return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+def measure_matmul(dtype: str, n: int = 2048, repeat: int = 5):
+  """(wall, cpu) seconds of one jitted [n, n] @ [n, n] matmul with f32
+  accumulation, and its FLOPs: the compute roof."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
-  f = jax.jit(lambda x, y: x @ y)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   f(a, a).block_until_ready()
-  t = _best(lambda: f(a, a).block_until_ready(), repeat)
-  return 2 * n**3 / t
+  return _best(lambda: f(a, a), repeat), 2 * n**3
 
 
-def measure_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5) -> float:
-  """Read bytes/s of a jitted sum over a large f32 array (the memory roof)."""
+def measure_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5):
+  """(wall, cpu) seconds of a jitted sum over a large f32 array, and the
+  bytes it reads: the memory roof."""
   x = jnp.ones((nbytes // 4,), jnp.float32)
   f = jax.jit(jnp.sum)
   f(x).block_until_ready()
-  return nbytes / _best(lambda: f(x).block_until_ready(), repeat)
+  return _best(lambda: f(x), repeat), nbytes
 
 
 def roofline_seconds(
@@ -90,18 +94,22 @@ def roofline_seconds(
   *,
   batch: int,
   prompt: int,
-  new: int,
+  steps: int,
   flops_per_s: float,
   bytes_per_s: float,
 ) -> tuple[float, float, float]:
-  """(seconds, total FLOPs, total bytes) of N decode steps at the roofline."""
-  L, H, K, Dh = (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+  """(seconds, FLOPs, bytes) of decode steps 1..steps at the roofline.
+
+  Step t (1-based; prefill drew token 0) feeds token t-1 and attends over
+  prompt + t keys.
+  """
+  L, H, K, Dh = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   item = jnp.dtype(cfg.dtype).itemsize
   n_params = cfg.num_params()
   matmul_params = n_params - cfg.d_model * (2 * L + 1)  # minus norm scales
   secs = flops = nbytes = 0.0
-  for t in range(new):
-    live = prompt + t + 1  # keys attended by this step's token
+  for t in range(1, steps + 1):
+    live = prompt + t
     f = 2 * batch * matmul_params + 4 * batch * L * H * Dh * live
     b = n_params * jnp.dtype(cfg.param_dtype).itemsize + (
       2 * L * batch * live * K * Dh * item
@@ -115,49 +123,38 @@ def roofline_seconds(
 def _prompts(args, cfg):
   rng = np.random.default_rng(1)
   toks = rng.integers(1, cfg.vocab_size, (args.batch, args.prompt))
-  return (
-    jnp.asarray(toks, jnp.int32),
-    jnp.ones((args.batch, args.prompt), jnp.int32),
-  )
+  return toks.astype(np.int32)
 
 
-def bench_k15(params, cfg, args) -> dict[str, float]:
-  """Prefill + N decode steps of the k15 sampler; best of `--repeat`."""
-  toks, seg = _prompts(args, cfg)
-  sc = sampler.SamplingConfig(temperature=1.0)
+def bench_k15(params, cfg, args, method: str) -> dict[str, float]:
+  """Prefill + N-1 decode steps of the k15 sampler (no stop tokens)."""
+  toks = jnp.asarray(_prompts(args, cfg))
+  seg = jnp.ones_like(toks)
+  sc = sampler.SamplingConfig(temperature=1.0, method=method)
   kw = dict(
     model=cfg, cfg=sc, budget=args.new, cache_len=args.prompt + args.new
   )
+  dec = functools.partial(
+    sampler.decode, params, model=cfg, cfg=sc, max_steps=args.new
+  )
   rng = jax.random.key(0)
-  # compile both without decoding: a state whose rows all stopped exits the
-  # loop at once, and is the same compiled executable
+  # compile both without decoding: a state whose rows all stopped leaves
+  # the loop at once, and is the same executable
   st = sampler.prefill(params, toks, seg, rng, **kw)
-  st = st.replace(status=jnp.full_like(st.status, sampler.STOPPED))
   jax.block_until_ready(
-    sampler.decode(params, st, model=cfg, cfg=sc, max_steps=args.new)
+    dec(st.replace(status=jnp.full_like(st.status, sampler.STOPPED)))
   )
-  best_pre = best_dec = float("inf")
-  for _ in range(args.repeat):
-    t0 = time.perf_counter()
-    st = jax.block_until_ready(sampler.prefill(params, toks, seg, rng, **kw))
-    t1 = time.perf_counter()
-    st = jax.block_until_ready(
-      sampler.decode(params, st, model=cfg, cfg=sc, max_steps=args.new)
-    )
-    t2 = time.perf_counter()
-    best_pre, best_dec = min(best_pre, t1 - t0), min(best_dec, t2 - t1)
-    assert int(st.length.min()) == args.new, "a row stopped early"
-    del st  # free the cache before the next phase
-  steps = args.new - 1  # prefill sampled the first token
-  return dict(
-    prefill_s=best_pre,
-    decode_s=best_dec,
-    tok_s=args.batch * steps / best_dec,
-    step_ms=1e3 * best_dec / steps,
-  )
+  del st
+  st0, pre, _ = _timer(lambda: sampler.prefill(params, toks, seg, rng, **kw))
+  st, wall, cpu = _timer(functools.partial(dec, st0))
+  del st0  # donated
+  steps = int(st.step)
+  assert steps == args.new - 1 and int(st.length.min()) == args.new
+  del st  # free the cache before the next phase
+  return dict(steps=steps, prefill_s=pre, decode_wall=wall, decode_cpu=cpu)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1, 2))
 def _nocache_step(params, buf_BxS, seg_BxS, t, rng, *, cfg):
   """One token for every row by a full forward over the whole buffer."""
   pos_BxS = model_lib.positions_from_segments(seg_BxS)
@@ -179,32 +176,32 @@ def _nocache_step(params, buf_BxS, seg_BxS, t, rng, *, cfg):
 
 
 def bench_nocache(params, cfg, args) -> dict[str, float]:
-  toks, seg = _prompts(args, cfg)
-  S = args.prompt + args.new
+  """`--nocache_steps` steps of the fixed-shape no-cache baseline (every
+  step costs the same: the forward always covers all P + N slots)."""
+  toks = _prompts(args, cfg)
   pad = ((0, 0), (0, args.new))
-  buf, seg = jnp.pad(toks, pad), jnp.pad(seg, pad)
+  buf = jnp.asarray(np.pad(toks, pad))
+  seg = jnp.asarray(np.pad(np.ones_like(toks), pad))
   rng = jax.random.key(0)
-  buf, seg = jax.block_until_ready(
-    _nocache_step(params, buf, seg, args.prompt, rng, cfg=cfg)
-  )
-  best = float("inf")
+  step = functools.partial(_nocache_step, params, rng=rng, cfg=cfg)
+  buf, seg = jax.block_until_ready(step(buf, seg, args.prompt))
+  wall = cpu = 0.0
   for i in range(1, args.nocache_steps + 1):
-    t = min(args.prompt + i, S - 1)
-    t0 = time.perf_counter()
-    buf, seg = jax.block_until_ready(
-      _nocache_step(params, buf, seg, t, rng, cfg=cfg)
+    (buf, seg), w, c = _timer(
+      functools.partial(step, buf, seg, args.prompt + i)
     )
-    best = min(best, time.perf_counter() - t0)
-  return dict(step_ms=1e3 * best, tok_s=args.batch / best)
+    wall, cpu = wall + w, cpu + c
+  return dict(steps=args.nocache_steps, decode_wall=wall, decode_cpu=cpu)
 
 
-def bench_tunix(cfg, args) -> dict[str, float] | str:
+def bench_tunix(cfg, args, timer) -> dict[str, float] | str:
   """Tunix's vanilla sampler on a Tunix Llama-3 model of the same shape."""
   try:
     from k15.bench import _tunix  # noqa: PLC0415
   except ImportError as e:
     return f"not importable ({e})"
-  return _tunix.bench(cfg, args)
+  out = _tunix.bench(cfg, _prompts(args, cfg), args.new, timer)
+  return out.get("error") or out
 
 
 def _table(rows: list[tuple[str, ...]], head: tuple[str, ...]) -> str:
@@ -225,90 +222,128 @@ def main(argv: list[str]) -> None:
   p.add_argument("--head_dim", type=int, default=64)
   p.add_argument("--mlp", type=int, default=2048)
   p.add_argument("--vocab", type=int, default=32_000)
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--repeat", type=int, default=1)
+  p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
   p.add_argument("--nocache_steps", type=int, default=2)
-  p.add_argument("--no_tunix", action="store_true")
-  p.add_argument("--only", default="", help="comma list: k15,nocache,tunix")
+  p.add_argument("--only", default="k15,cdf,tunix,nocache", help="rows to run")
   args = p.parse_args(argv)
-  only = set(filter(None, args.only.split(","))) or {"k15", "nocache", "tunix"}
-  if args.no_tunix:
-    only.discard("tunix")
+  only = set(filter(None, args.only.split(",")))
   cfg = _model(args)
+  cores = os.cpu_count() or 1
   load0 = os.getloadavg()
   print(
-    f"model: {cfg.num_params() / 1e6:.1f}M params ({args.layers} layers,"
-    f" d {args.d_model}, heads {args.heads}/{args.kv_heads}x"
-    f"{args.head_dim}, mlp {args.mlp}, vocab {args.vocab}, {args.dtype});"
-    f" B={args.batch} P={args.prompt} N={args.new}; devices "
-    f"{jax.devices()[0].platform} x{jax.device_count()}; load average "
-    f"{load0[0]:.1f}",
+    f"model: {cfg.num_params() / 1e6:.1f}M params ({args.layers} layers, "
+    f"d {args.d_model}, heads {args.heads}/{args.kv_heads}x{args.head_dim}, "
+    f"mlp {args.mlp}, vocab {args.vocab}, {args.dtype}); B={args.batch} "
+    f"P={args.prompt} N={args.new}; {jax.devices()[0].platform} x"
+    f"{jax.device_count()}, {cores} cores; load average {load0[0]:.1f}",
     flush=True,
   )
   params = nn.unbox(model_lib.init_params(jax.random.key(0), model=cfg))
-  flops = measure_matmul_flops(args.dtype)
-  bw = measure_bandwidth()
-  roof_s, roof_f, roof_b = roofline_seconds(
-    cfg,
-    batch=args.batch,
-    prompt=args.prompt,
-    new=args.new - 1,
-    flops_per_s=flops,
-    bytes_per_s=bw,
-  )
+  (mm_wall, mm_cpu), mm_flops = measure_matmul(args.dtype)
+  (bw_wall, bw_cpu), bw_bytes = measure_bandwidth()
   steps = args.new - 1
-  roof_tok_s = args.batch * steps / roof_s
-  print(
-    f"measured: matmul {flops / 1e9:.1f} GFLOP/s, read bandwidth "
-    f"{bw / 1e9:.1f} GB/s; roofline {1e3 * roof_s / steps:.1f} ms/step "
-    f"({roof_f / steps / 1e9:.2f} GFLOP, {roof_b / steps / 1e6:.0f} MB "
-    "per step)",
-    flush=True,
+  roof = {}
+  # "wall": rates as measured; "cpu": per second of the cores this process
+  # actually got (process CPU time / cores), robust to other jobs' load
+  for kind, mm_s, bw_s in (
+    ("wall", mm_wall, bw_wall),
+    ("cpu", mm_cpu / cores, bw_cpu / cores),
+  ):
+    secs, fl, by = roofline_seconds(
+      cfg,
+      batch=args.batch,
+      prompt=args.prompt,
+      steps=steps,
+      flops_per_s=mm_flops / mm_s,
+      bytes_per_s=bw_bytes / bw_s,
+    )
+    roof[kind] = args.batch * steps / secs
+    print(
+      f"roofline ({kind}): matmul {mm_flops / mm_s / 1e9:.0f} GFLOP/s, "
+      f"read {bw_bytes / bw_s / 1e9:.1f} GB/s -> {1e3 * secs / steps:.1f} "
+      f"ms/step ({fl / steps / 1e9:.2f} GFLOP, {by / steps / 1e6:.0f} MB "
+      "per step on average)",
+      flush=True,
+    )
+  res: dict[str, dict | str] = {}
+  if "k15" in only:
+    res["k15"] = bench_k15(params, cfg, args, "gumbel")
+    print(f"k15: {res['k15']}", flush=True)
+  if "cdf" in only:
+    res["cdf"] = bench_k15(params, cfg, args, "cdf")
+    print(f"k15 cdf: {res['cdf']}", flush=True)
+  if "tunix" in only:
+    del params
+    res["tunix"] = bench_tunix(cfg, args, _timer)
+    print(f"tunix: {res['tunix']}", flush=True)
+    params = nn.unbox(model_lib.init_params(jax.random.key(0), model=cfg))
+  if "nocache" in only:
+    res["nocache"] = bench_nocache(params, cfg, args)
+    print(f"no-cache: {res['nocache']}", flush=True)
+  names = dict(
+    k15="k15 sampler (sampler.method=gumbel, the default)",
+    cdf="k15 sampler (sampler.method=cdf)",
+    tunix="Tunix vanilla sampler (Llama-3 model, same shape)",
+    nocache="no-cache baseline (full forward per token)",
+  )
+  rate = {
+    k: {
+      kind: args.batch
+      * r["steps"]
+      / (r[f"decode_{kind}"] / (cores if kind == "cpu" else 1))
+      for kind in ("wall", "cpu")
+    }
+    for k, r in res.items()
+    if isinstance(r, dict)
+  }
+  base = rate.get("nocache")
+  head = (
+    "sampler",
+    "decode tok/s",
+    "ms/step",
+    "of roofline",
+    "tok/s (CPU time)",
+    "of roofline (CPU time)",
+    "vs no-cache",
   )
   rows = [
-    ("roofline", f"{roof_tok_s:.0f}", f"{1e3 * roof_s / steps:.1f}", "1.00", "")
+    (
+      "roofline (measured F, W)",
+      f"{roof['wall']:.0f}",
+      f"{1e3 * args.batch / roof['wall']:.1f}",
+      "1.00",
+      f"{roof['cpu']:.0f}",
+      "1.00",
+      "",
+    )
   ]
-  res = {}
-  if "k15" in only:
-    res["k15"] = k = bench_k15(params, cfg, args)
-    print(f"k15: {k}", flush=True)
-  if "nocache" in only:
-    res["nocache"] = nc = bench_nocache(params, cfg, args)
-    print(f"no-cache: {nc}", flush=True)
-  if "tunix" in only:
-    res["tunix"] = bench_tunix(cfg, args)
-    print(f"tunix: {res['tunix']}", flush=True)
-  base = res.get("nocache", {}).get("tok_s")
-  names = dict(
-    k15="k15 sampler (KV cache, while_loop)",
-    nocache="no-cache baseline (full forward per token)",
-    tunix="Tunix vanilla sampler",
-  )
-  for key in ("k15", "tunix", "nocache"):
-    r = res.get(key)
-    if r is None:
+  for key in ("k15", "cdf", "tunix", "nocache"):
+    if key not in res:
       continue
-    if isinstance(r, str):
-      rows.append((names[key], "n/a", "n/a", "n/a", r))
+    if isinstance(res[key], str):
+      rows.append((names[key], "n/a", "", "", "", "", res[key]))
       continue
-    note = f"{r['tok_s'] / base:.1f}x no-cache" if base else ""
+    w, c = rate[key]["wall"], rate[key]["cpu"]
+    vs = f"{c / base['cpu']:.1f}x" if base else ""
     rows.append(
       (
         names[key],
-        f"{r['tok_s']:.0f}",
-        f"{r['step_ms']:.1f}",
-        f"{r['tok_s'] / roof_tok_s:.2f}",
-        note,
+        f"{w:.0f}",
+        f"{1e3 * args.batch / w:.1f}",
+        f"{w / roof['wall']:.2f}",
+        f"{c:.0f}",
+        f"{c / roof['cpu']:.2f}",
+        vs,
       )
     )
   load1 = os.getloadavg()
   print()
+  print(_table(rows, head))
   print(
-    _table(rows, ("sampler", "decode tok/s", "ms/step", "of roofline", "note"))
-  )
-  print(
-    f"\nload average (1 min) before / after: {load0[0]:.1f} / "
-    f"{load1[0]:.1f} on {os.cpu_count()} cores"
+    f"\nload average (1 min) before / after: {load0[0]:.1f} / {load1[0]:.1f} "
+    f"on {cores} cores. CPU-time columns divide by the CPU time this "
+    "process got (over all cores), so they discount other jobs; the no-cache"
+    f" rate is from {args.nocache_steps} of its fixed-cost steps."
   )
 
 

@@ -1,0 +1,475 @@
+"""k15.rollout: the partial-rollout buffer, continued generation, bucketed
+sampler calls without retracing, training rows; the sampler's per-row
+length limit, padding rows and inverse-CDF sampling that it relies on."""
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k15 import model as model_lib
+from k15 import rl, rollout, sampler
+from k15.sampler import BUDGET, MAX_LEN, STOPPED
+
+PAD = 0
+
+# A deterministic "transition" model: next token = SUCC[current token]
+# (1 -> 2 -> ... -> 15 -> 1), whatever came before, so continuing a
+# trajectory from a re-prefilled context must give the same tokens.
+V = 16
+TCFG = model_lib.ModelConfig(
+  vocab_size=V,
+  num_layers=1,
+  d_model=V,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=8,
+  mlp_dim=16,
+  max_len=64,
+  tie_embeddings=False,
+)
+SUCC = [1] + [i + 1 for i in range(1, V - 1)] + [1]
+
+
+@functools.lru_cache
+def _transition_params():
+  params = nn.unbox(model_lib.init_params(jax.random.key(0), model=TCFG))
+  params = jax.tree_util.tree_map_with_path(
+    lambda p, x: (
+      jnp.ones_like(x) if "scale" in jax.tree_util.keystr(p) else x * 0
+    ),
+    params,
+  )
+  head = np.zeros((V, V), np.float32)
+  head[np.arange(V), SUCC] = 10.0
+  params["params"]["embedding"] = jnp.eye(V, dtype=jnp.float32)
+  params["params"]["lm_head"] = jnp.asarray(head)
+  return params
+
+
+def _chain(start, n):
+  out, t = [], start
+  for _ in range(n):
+    t = SUCC[t]
+    out.append(t)
+  return out
+
+
+# A random model with real attention, for continuation vs one long call.
+RCFG = model_lib.ModelConfig(
+  vocab_size=24,
+  num_layers=2,
+  d_model=32,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+  mlp_dim=32,
+  max_len=64,
+  emb_init_scale=0.3,
+)
+
+
+@functools.lru_cache
+def _random_params():
+  return nn.unbox(model_lib.init_params(jax.random.key(3), model=RCFG))
+
+
+GREEDY = sampler.SamplingConfig(temperature=0.0, stop_tokens=(5,))
+
+
+# ---------------------------------------------------------------------------
+# The buffer (host only)
+# ---------------------------------------------------------------------------
+
+
+def _gen(tokens, status, lp=-1.0):
+  t = np.asarray(tokens, np.int32)
+  return rollout.Generation(
+    [], t, np.full(len(t), lp, np.float32), np.zeros(len(t), np.float32), status
+  )
+
+
+def test_buffer_carries_cut_rows_and_releases_whole_groups_oldest_first():
+  buf = rollout.RolloutBuffer(2, partial=True)
+  buf.start([7, 8], [[1, 2], [3]], iteration=0, caps=[6, 6])
+  todo, reqs = buf.requests()
+  got = [
+    (g.problem, len(q.prefix), q.max_new)
+    for (g, _), q in zip(todo, reqs, strict=True)
+  ]
+  assert got == [(7, 0, 6), (7, 0, 6), (8, 0, 6), (8, 0, 6)]
+  buf.record(
+    todo,
+    [
+      _gen([4, 5], STOPPED),
+      _gen([4, 4, 4], BUDGET),  # carried
+      _gen([9, 9, 9], BUDGET),
+      _gen([6], STOPPED),
+    ],
+    iteration=0,
+  )
+  assert buf.num_finished() == 0 and buf.pop_finished(10) == []
+  # iteration 1: a new group joins; the carried rows continue
+  buf.start([9], [[2]], iteration=1, caps=[6])
+  todo, reqs = buf.requests()
+  got = [
+    (g.problem, list(q.prefix), q.max_new)
+    for (g, _), q in zip(todo, reqs, strict=True)
+  ]
+  assert got == [(7, [4, 4, 4], 3), (8, [9, 9, 9], 3), (9, [], 6), (9, [], 6)]
+  buf.record(
+    todo,
+    [
+      _gen([4, 5], STOPPED, lp=-2.0),
+      _gen([9, 9, 9], BUDGET),  # reaches its cap of 6: cut by length
+      _gen([1], STOPPED),
+      _gen([1, 2], STOPPED),
+    ],
+    iteration=1,
+  )
+  assert buf.num_finished() == 3
+  done = buf.pop_finished(2)
+  assert [g.problem for g in done] == [7, 8]  # oldest first, at most 2
+  a, b = done[0].members
+  np.testing.assert_array_equal(b.response, [4, 4, 4, 4, 5])
+  np.testing.assert_array_equal(b.version, [0, 0, 0, 1, 1])
+  np.testing.assert_array_equal(b.logp, [-1, -1, -1, -2, -2])
+  assert (a.status, b.status) == (STOPPED, STOPPED)
+  assert done[1].members[0].status == MAX_LEN
+  assert buf.metrics(2)["buffer_finished_groups"] == 1.0
+  assert [g.problem for g in buf.pop_finished(5)] == [9]
+  assert buf.groups == []
+
+
+def test_buffer_without_partial_rollouts_makes_budget_cuts_final():
+  buf = rollout.RolloutBuffer(1, partial=False)
+  buf.start([0], [[1]], iteration=3, caps=[100])
+  todo, _ = buf.requests()
+  buf.record(todo, [_gen([2, 2], BUDGET)], iteration=3)
+  (g,) = buf.pop_finished(1)
+  assert g.members[0].status == BUDGET
+
+
+def test_buffer_state_round_trips_through_json_exactly():
+  buf = rollout.RolloutBuffer(2, partial=True)
+  buf.start([3, 4], [[1, 2, 3], [5]], iteration=0, caps=[9, 9])
+  todo, _ = buf.requests()
+  lp = np.float32([np.pi, -1e-30, 3.4e38])
+  gens = [_gen([1, 2, 3], BUDGET), _gen([7], STOPPED)] * 2
+  gens[0].logp = lp
+  buf.record(todo, gens, iteration=0)
+  again = rollout.RolloutBuffer(2, partial=True)
+  again.load_state_dict(json.loads(json.dumps(buf.state_dict())))
+  assert again.next_gid == buf.next_gid == 2
+  for g, h in zip(buf.groups, again.groups, strict=True):
+    assert (g.gid, g.problem, g.prompt, g.born) == (
+      h.gid,
+      h.problem,
+      h.prompt,
+      h.born,
+    )
+    for t, u in zip(g.members, h.members, strict=True):
+      assert t.status == u.status and t.cap == u.cap
+      for x, y in ((t.response, u.response), (t.version, u.version)):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+      assert t.logp.tobytes() == u.logp.tobytes()  # bit for bit
+  assert again.groups[0].members[0].logp.tobytes() == lp.tobytes()
+  with pytest.raises(ValueError, match="k=2"):
+    rollout.RolloutBuffer(4, partial=True).load_state_dict(buf.state_dict())
+
+
+# ---------------------------------------------------------------------------
+# Generation in segments
+# ---------------------------------------------------------------------------
+
+
+def test_generate_continues_cut_rows_to_a_stop_or_max_len():
+  # prompt bucket 2, budget 4, max_len 14: up to 12 response tokens, in
+  # up to 3 segments (continuation buckets 6 and 10)
+  gen = rollout.GenConfig(
+    rows=4,
+    prompt_buckets=(2,),
+    budget=4,
+    cache_len=14,
+    continue_buckets=rollout.continue_buckets(2, 4, 14),
+  )
+  assert gen.continue_buckets == (6, 10)
+  prompts = [[3], [1, 6], [12], [2, 11]]
+  out = rollout.generate(
+    _transition_params(),
+    prompts,
+    jax.random.key(0),
+    model=TCFG,
+    sampling=GREEDY,
+    gen=gen,
+    pad_id=PAD,
+  )
+  want = [_chain(3, 2), _chain(6, 12), _chain(12, 8), _chain(11, 9)]
+  assert [g.response.tolist() for g in out] == want
+  assert [g.status for g in out] == [STOPPED, MAX_LEN, STOPPED, STOPPED]
+  np.testing.assert_allclose(
+    np.concatenate([g.logp for g in out]), 0.0, atol=1e-5
+  )
+  # without continuation buckets a row cut by the budget is final
+  plain = rollout.generate(
+    _transition_params(),
+    prompts,
+    jax.random.key(0),
+    model=TCFG,
+    sampling=GREEDY,
+    gen=rollout.GenConfig(rows=4, prompt_buckets=(2,), budget=4, cache_len=14),
+    pad_id=PAD,
+  )
+  assert [g.response.tolist() for g in plain] == [w[:4] for w in want]
+  assert [g.status for g in plain] == [STOPPED, BUDGET, BUDGET, BUDGET]
+
+
+def test_continuing_in_segments_equals_one_long_call():
+  """Re-prefilling prompt + partial response (left-padded into a larger
+  bucket) and decoding on reproduces one uninterrupted decode (greedy)."""
+  params = _random_params()
+  prompts = [[5, 9, 3], [7], [1, 2, 3, 4, 6], [11, 4]]
+  cfg = sampler.SamplingConfig(temperature=0.0)
+  one = rollout.generate_segments(
+    params,
+    [rollout.Request(p) for p in prompts],
+    jax.random.key(0),
+    model=RCFG,
+    sampling=cfg,
+    gen=rollout.GenConfig(rows=4, prompt_buckets=(6,), budget=12, cache_len=18),
+    pad_id=PAD,
+  )
+  gen = rollout.GenConfig(
+    rows=4,
+    prompt_buckets=(6,),
+    budget=6,
+    cache_len=18,
+    continue_buckets=(12,),
+  )
+  done = [np.zeros(0, np.int32)] * 4
+  logp = [np.zeros(0, np.float32)] * 4
+  for seg in range(2):
+    part = rollout.generate_segments(
+      params,
+      [rollout.Request(p, d) for p, d in zip(prompts, done, strict=True)],
+      jax.random.key(seg),
+      model=RCFG,
+      sampling=cfg,
+      gen=gen,
+      pad_id=PAD,
+    )
+    assert all(g.status == BUDGET for g in part)
+    done = [
+      np.concatenate([d, g.response]) for d, g in zip(done, part, strict=True)
+    ]
+    logp = [
+      np.concatenate([x, g.logp]) for x, g in zip(logp, part, strict=True)
+    ]
+  for g, d, x in zip(one, done, logp, strict=True):
+    np.testing.assert_array_equal(g.response, d)
+    np.testing.assert_allclose(g.logp, x, atol=2e-5)
+
+
+def test_bucketed_calls_are_few_ordered_and_never_retrace(monkeypatch):
+  calls = []
+  real = sampler.generate
+
+  def spy(params, toks, seg, rng, **kw):
+    calls.append((toks.shape, kw["cache_len"]))
+    return real(params, toks, seg, rng, **kw)
+
+  monkeypatch.setattr(sampler, "generate", spy)
+  gen = rollout.GenConfig(
+    rows=4,
+    prompt_buckets=(2,),
+    budget=4,
+    cache_len=14,
+    continue_buckets=(6, 10),
+  )
+  params = _transition_params()
+
+  def iteration(reqs):
+    out = rollout.generate_segments(
+      params,
+      reqs,
+      jax.random.key(0),
+      model=TCFG,
+      sampling=GREEDY,
+      gen=gen,
+      pad_id=PAD,
+    )
+    for q, g in zip(reqs, out, strict=True):  # results in request order
+      ctx = list(q.prompt) + list(q.prefix)
+      want = _chain(ctx[-1], min(4, q.max_new))
+      stop = want.index(5) + 1 if 5 in want else len(want)
+      assert g.response.tolist() == want[:stop]
+    return out
+
+  R = rollout.Request
+  # warm-up: each bucket's prefill and decode compile once
+  for warm in (
+    [R([6], (), 12)],
+    [R([7, 8], range(9, 13), 8)],
+    [R([2], range(3, 11), 4)],
+  ):
+    iteration(warm)
+  sizes = (sampler.prefill._cache_size(), sampler.decode._cache_size())
+  calls.clear()
+  # new prompts and continued rows of other lengths and limits
+  iteration(
+    [
+      R([9], range(10, 14), 8),
+      R([1]),
+      R([12, 13], (), 12),
+      R([8], range(9, 16), 4),
+      R([10, 11]),
+      R([3]),
+    ]
+  )
+  iteration([R([13], [14, 15], 10)])
+  assert (sampler.prefill._cache_size(), sampler.decode._cache_size()) == (
+    sizes
+  ), "a new iteration retraced prefill or decode"
+  # rows sorted by bucket into the fewest [4, bucket] calls, each at the
+  # bucket of its longest row with a cache of bucket + budget
+  assert calls == [((4, 2), 6), ((4, 10), 14), ((4, 6), 10)]
+
+
+# ---------------------------------------------------------------------------
+# Sampler features the engine relies on
+# ---------------------------------------------------------------------------
+
+
+def test_per_row_limit_padding_rows_and_early_exit():
+  toks, seg = sampler.left_pad([[1], [3], [9], []], 2, PAD)
+  st = sampler.generate(
+    _transition_params(),
+    toks,
+    seg,
+    jax.random.key(0),
+    model=TCFG,
+    cfg=sampler.SamplingConfig(temperature=0.0, stop_tokens=(13,)),
+    budget=8,
+    cache_len=10,
+    max_new_B=jnp.array([2, 8, 8, 8]),
+  )
+  # a limit equal to the budget is the row's cap: cut by length, not budget
+  assert np.asarray(st.status).tolist() == [MAX_LEN, MAX_LEN, STOPPED, STOPPED]
+  assert np.asarray(st.length).tolist() == [2, 8, 4, 0]
+  # the empty row started stopped, so it did not keep the loop running
+  assert int(st.step) == 7
+
+
+def test_cdf_sampling_draws_from_the_filtered_distribution():
+  V_ = 300  # blocks of 16: not a multiple of the block size
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=V_).astype(np.float32) - 8.0
+  head = [3, 40, 41, 150, 200, 201, 240, 277, 298, 299]  # across blocks
+  logits[head] = rng.uniform(0, 2, len(head))
+  n = 20_000
+  x = jnp.asarray(np.tile(logits, (n, 1)))
+  for cfg in (
+    sampler.SamplingConfig(method="cdf"),
+    sampler.SamplingConfig(method="cdf", temperature=0.7, top_k=20),
+  ):
+    tok, _, slp = jax.jit(sampler.sample_token, static_argnums=2)(
+      jax.random.key(1), x, cfg
+    )
+    tok = np.asarray(tok)
+    q = np.asarray(jax.nn.softmax(sampler._filter_logits(x[:1], cfg)))[0]
+    assert (q[tok] > 0).all(), "drew a filtered-out token"
+    freq = np.bincount(tok, minlength=V_) / n
+    tail = np.ones(V_, bool)
+    tail[head] = False
+    for f, p in [(freq[i], q[i]) for i in head] + [
+      (freq[tail].sum(), q[tail].sum())
+    ]:
+      assert abs(f - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-4, (f, p)
+    np.testing.assert_allclose(np.asarray(slp), np.log(q[tok]), atol=1e-4)
+  # probability-0 tokens (and the padding of the last block) are never
+  # drawn, wherever the uniform falls
+  x1 = jnp.asarray([[0.0, -jnp.inf] * 6])
+  toks = jax.vmap(lambda k: sampler.sample_cdf(k, x1)[0])(
+    jax.random.split(jax.random.key(0), 500)
+  )
+  assert set(np.asarray(toks).tolist()) == {0, 2, 4, 6, 8, 10}
+
+
+# ---------------------------------------------------------------------------
+# Training rows
+# ---------------------------------------------------------------------------
+
+
+def _group(gid, prompt, members, born=0):
+  ts = [
+    rollout.Trajectory(
+      np.asarray(r, np.int32),
+      np.full(len(r), -0.5, np.float32),
+      np.asarray(v, np.int32),
+      99,
+      STOPPED,
+    )
+    for r, v in members
+  ]
+  return rollout.Group(gid, gid, prompt, born, ts)
+
+
+@pytest.mark.parametrize("segments", ["all", "current"])
+def test_training_batch_masks_old_segments_and_pads_rows(segments):
+  groups = [
+    _group(0, [1, 2], [([3, 4, 5], [1, 2, 2]), ([6], [2])]),
+    _group(1, [7], [([8, 9], [0, 1]), ([1, 2, 3, 4], [2, 2, 2, 2])]),
+  ]
+  adv = np.array([[0.5, -0.5], [1.0, -1.0]], np.float32)
+  batch, old = rollout.training_batch(
+    groups,
+    adv,
+    iteration=2,
+    prompt_len=3,
+    response_len=4,
+    rows=6,
+    pad_id=PAD,
+    loss_segments=segments,
+  )
+  np.testing.assert_array_equal(batch["sample_weight_B"], [1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(batch["advantages_B"], [0.5, -0.5, 1, -1, 0, 0])
+  np.testing.assert_array_equal(batch["tokens_BxT"][0], [0, 1, 2, 3, 4, 5, 0])
+  resp = batch["response_BxT"][:, 3:]
+  np.testing.assert_array_equal(
+    old[:, 3:],
+    resp
+    & np.array(
+      [
+        [1, 0, 0, 0],
+        [0, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 0, 0, 0],
+        [0] * 4,
+        [0] * 4,
+      ],
+      bool,
+    ),
+  )
+  mask = batch["loss_mask_BxT"]
+  assert not mask[:, :3].any() and not mask[4:].any()
+  if segments == "all":
+    np.testing.assert_array_equal(mask, batch["response_BxT"])
+  else:
+    np.testing.assert_array_equal(mask, batch["response_BxT"] & ~old)
+  beh = batch["behaviour_logp_BxT"]
+  np.testing.assert_array_equal(beh[batch["response_BxT"]], -0.5)
+  assert (beh[~batch["response_BxT"]] == 0).all()
+
+
+def test_training_row_widths_are_a_few_buckets():
+  budget, cap = 48, 400
+  widths = {rl._response_len(n, budget, cap) for n in range(1, cap + 1)}
+  assert all(w >= 1 for w in widths)
+  for n in range(1, cap + 1):
+    assert rl._response_len(n, budget, cap) >= n
+  # multiples of 16 up to the budget, of the budget beyond it
+  assert len(widths) == budget // 16 + -(-(cap - budget) // budget)
