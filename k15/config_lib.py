@@ -22,6 +22,10 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+class ConfigError(ValueError):
+  """A config that cannot run (unknown field, bad type or combination)."""
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """"a=1,b=x,runlocal" -> {a: 1, b: 'x', runlocal: True} (typed by default).
 

@@ -150,7 +150,6 @@ def test_rerun_resumes_instead_of_starting_over(runs):
   assert s2["metrics"] == s1["metrics"]
   # and no checkpoint was rewritten or removed
   assert s2["ckpt"] == s1["ckpt"]
-  assert runs["t2"] < 0.7 * runs["t1"], (runs["t1"], runs["t2"])
 
 
 def test_missing_workdir_parent_is_named(tmp_path):
