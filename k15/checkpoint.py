@@ -107,6 +107,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, host: dict) -> None:
     """Starts an async save of `step`; `wait`/`close` block until written."""
+    faults.dump(os.path.basename(self.directory), step, state)
     self._mngr.save(
       step,
       args=ocp.args.Composite(

@@ -16,6 +16,11 @@ fields, so no experiment can turn them on):
   K15_TEST_NAN_AT=<stage>:<step>[:<minibatch>][,...]
       NaN advantages in that RL step's minibatch (every minibatch when none
       is given), so the update is non-finite and must be skipped.
+  K15_TEST_DUMP_DIR=<dir>
+      At every checkpoint save, each process writes the arrays it holds of
+      the saved tree to <dir>/<stage>.<step>.p<process>.npz (its own
+      replica of replicated arrays), so the multi-host test can check that
+      the processes agree with each other and with a 1-process run.
 
 Unset, every hook is one dictionary lookup.
 """
@@ -30,6 +35,7 @@ import time
 
 KILL_ENV = "K15_TEST_KILL_AT"
 NAN_ENV = "K15_TEST_NAN_AT"
+DUMP_ENV = "K15_TEST_DUMP_DIR"
 
 
 def point(stage: str, step: int, phase: str, *, ckpt_dir: str = "") -> None:
@@ -69,3 +75,22 @@ def nan_at(stage: str, step: int, minibatch: int) -> bool:
     ):
       return True
   return False
+
+
+def dump(stage: str, step: int, tree) -> None:
+  """Writes this process's view of `tree` if K15_TEST_DUMP_DIR is set."""
+  out = os.environ.get(DUMP_ENV)
+  if not out:
+    return
+  import jax  # noqa: PLC0415 - only tests get here
+  import numpy as np  # noqa: PLC0415
+
+  from k15 import sharding  # noqa: PLC0415
+
+  arrays = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(x, jax.Array) and x.is_fully_replicated:
+      x = x.addressable_data(0)  # this process's own copy
+    arrays[jax.tree_util.keystr(path)] = np.asarray(sharding.gather(x))
+  name = f"{stage}.{step}.p{jax.process_index()}.npz"
+  np.savez(os.path.join(out, name), **arrays)

@@ -66,13 +66,23 @@ def main(argv):
     except (ValueError, TypeError, KeyError) as e:
       sys.exit(f"k15: error: {e}")
   if _NUM_PROCESSES.value > 1:
+    # CPU processes need a cross-process collective backend (gloo over TCP;
+    # GPU/TPU bring their own). Set before the backend is first created.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
-  from k15 import pipeline  # noqa: PLC0415
+  from k15 import (  # noqa: PLC0415
+    checkpoint,
+    config_lib,
+    pipeline,  # noqa: PLC0415
+  )
 
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
+  except (config_lib.ConfigError, checkpoint.CheckpointError,
+          FileNotFoundError) as e:
+    # bad input: one line naming the field / path; anything else is a bug
+    # and keeps its traceback
     sys.exit(f"k15: error: {e}")
 
 
