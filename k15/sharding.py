@@ -6,6 +6,12 @@ activations carry logical names (see `k15.model`); `RULES` maps them to mesh
 axes. State is born sharded: `jax.eval_shape` gives the boxed abstract tree,
 `param_shardings` turns its logical names into `NamedSharding`s, and the
 initialiser is jitted with those `out_shardings`.
+
+Multi-host (several `jax.distributed` processes, one controller each): every
+process runs the same host logic, so host batches are the same everywhere;
+`shard_batch` places only this process's rows on its own devices and
+`gather` brings device results (sampled tokens, log-probs, metrics) back to
+every process whole. `make_mesh` lays processes out along the batch axes.
 """
 
 from __future__ import annotations
@@ -165,17 +171,6 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def cache_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-  """Where the sampler's KV cache lives: per layer k, v [B, K, S, Dh] with
-  rows over (data, fsdp), kv heads over tensor and cache slots over context
-  (the layout ring prefill leaves; decode attends across it); pos, seg
-  [B, S]. The sampler gets there by propagation from the batch and params;
-  tests/test_sharding.py pins it."""
-  kv = NamedSharding(mesh, P(BATCH, "tensor", "context", None))
-  ids = NamedSharding(mesh, P(BATCH, "context"))
-  return dict(k=kv, v=kv, pos=ids, seg=ids)
 
 
 def batch_divisor(mesh: Mesh) -> int:

@@ -28,7 +28,7 @@ CFG = ModelConfig(
   d_model=32,
   num_heads=4,
   num_kv_heads=2,
-  head_dim=8,
+  head_dim=6,  # B, K, S, Dh all differ: cache dims are found by size
   mlp_dim=64,
   max_len=64,
   emb_init_scale=0.3,
@@ -240,14 +240,21 @@ def test_update_step_sharded_equals_one_device(one, sharded):
 def test_sampler_sharded_equals_one_device(one, sharded):
   name, run = sharded
   a, b = run["sample"], one["sample"]
-  # rows stay split over the batch axes; the KV cache also over kv heads
-  # (tensor) and cache slots (context), as `cache_shardings` says
+  # rows stay split over the batch axes; the KV cache (whatever order the
+  # sampler keeps its dims in) also over kv heads (tensor) and cache slots
+  # (context): no device holds a copy it need not
   mesh = _mesh(name)
-  want = sharding.cache_shardings(mesh)
-  want["tokens"] = sharding.batch_sharding(mesh, 2)
+  split = {
+    B: mesh.shape["data"] * mesh.shape["fsdp"],
+    CFG.num_kv_heads: mesh.shape["tensor"],
+    BUCKET + BUDGET: mesh.shape["context"],
+    CFG.head_dim: 1,
+  }
   for key, (shape, got) in run["placement"].items():
-    ref = want[key.removeprefix("cache_")]
-    assert got.shard_shape(shape) == ref.shard_shape(shape), (key, got)
+    want = tuple(
+      n if key == "tokens" and n == BUDGET else n // split[n] for n in shape
+    )
+    assert got.shard_shape(shape) == want, (key, shape, got)
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
   np.testing.assert_array_equal(a["length"], b["length"])
   np.testing.assert_array_equal(a["status"], b["status"])
