@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from k15 import model as model_lib
-from k15 import objective
-from k15 import sharding
+from k15 import objective, sharding
 
 
 @dataclasses.dataclass(frozen=True)

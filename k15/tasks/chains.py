@@ -36,16 +36,16 @@ def make_problem(rng: np.random.Generator, hops: int, num_edges: int
                      f"over {len(NODES)} nodes")
   perm = [NODES[i] for i in rng.permutation(len(NODES))]
   main = perm[:hops + 1]
-  edges = list(zip(main[:-1], main[1:]))
+  edges = list(zip(main[:-1], main[1:], strict=True))
   rest = perm[hops + 1:]
   n_other = num_edges - hops
   if n_other > 0:
     other = rest[:n_other + 1]
-    edges += list(zip(other[:-1], other[1:]))
+    edges += list(zip(other[:-1], other[1:], strict=True))
   order = rng.permutation(len(edges))
   shuffled = [edges[i] for i in order]
   question = " ".join(f"{a}>{b}" for a, b in shuffled) + f" | {main[0]}"
-  trace = " " + ", ".join(f"{a}>{b}" for a, b in zip(main[:-1], main[1:]))
+  trace = " " + ", ".join(f"{a}>{b}" for a, b in zip(main[:-1], main[1:], strict=True))
   trace += f". answer: {main[-1]}"
   return Problem(question, main[-1], hops, trace)
 
