@@ -45,7 +45,8 @@ def make_problem(rng: np.random.Generator, hops: int, num_edges: int
   order = rng.permutation(len(edges))
   shuffled = [edges[i] for i in order]
   question = " ".join(f"{a}>{b}" for a, b in shuffled) + f" | {main[0]}"
-  trace = " " + ", ".join(f"{a}>{b}" for a, b in zip(main[:-1], main[1:], strict=True))
+  hops_ab = zip(main[:-1], main[1:], strict=True)
+  trace = " " + ", ".join(f"{a}>{b}" for a, b in hops_ab)
   trace += f". answer: {main[-1]}"
   return Problem(question, main[-1], hops, trace)
 
