@@ -39,6 +39,9 @@ def get_config(arg=None):
   c.rl = dict(iterations=60, loss=arg.loss, tau=0.1, baseline="mean",
               num_minibatches=4, epochs=1, reset_optimizer=True)
   c.length_penalty = dict(schedule="off", weight=0.0, warmup=0)
+  # the task's rule verifier; or cot_rm / scalar_rm with ckpt= an RM dir
+  # (experiments/reward_model.py)
+  c.reward = dict(kind="verifier", ckpt="", threshold=0.5)
   c.data = dict(strategy="uniform")
   c.sft = dict(steps=150, batch_size=32, lr=0.0)
   c.optim = dict(lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=1.0)

@@ -19,6 +19,7 @@ continues from its newest checkpoint. Every random draw is derived from
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from k15 import metrics as metrics_lib
 from k15 import model as model_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
+from k15.rewards import reward_model as reward_model_lib
 
 STAGES = ("sft", "rl", "control")
 _STAGE_SEED = {"sft": 11, "rl": 22, "control": 33, "eval": 44}
@@ -144,6 +146,7 @@ class Settings:
   eval: evaluate.EvalConfig
   mesh: dict[str, int]
   init: str = ""  # a Llama/Qwen2 safetensors dir to start from
+  reward: reward_model_lib.RewardConfig = reward_model_lib.RewardConfig()
 
   @property
   def loss(self) -> objective.LossConfig:
@@ -169,6 +172,7 @@ _SECTIONS = {
     "length_penalty": LengthPenaltyConfig, "data": curriculum.SamplerConfig,
     "sft": SFTConfig, "optim": train.OptimConfig,
     "ckpt": ckpt_lib.CheckpointConfig, "eval": evaluate.EvalConfig,
+    "reward": reward_model_lib.RewardConfig,
 }
 
 
@@ -374,6 +378,13 @@ class Run:
         params, self.problems["eval"], self.rng("eval", 0), tok=self.tok,
         model=self.s.model, sampling=self.sampling, gen=self.s.gen,
         cfg=self.s.eval, verify=self.task.verify, shard_fn=self.shard)
+
+  @functools.cached_property
+  def reward_model(self) -> reward_model_lib.RewardModel | None:
+    """The RM scoring RL rollouts (config.reward), loaded on first use;
+    None when the task's rule verifier scores them."""
+    return reward_model_lib.build(self.s.reward, mesh=self.mesh,
+                                  rows=self.s.rollout.gen_rows)
 
   def sft_examples(self):
     return [data.encode_sft(self.tok, p.question, p.trace)

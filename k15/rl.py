@@ -32,7 +32,6 @@ import numpy as np
 
 from k15 import (
   curriculum,
-  evaluate,
   faults,
   objective,
   pipeline,
@@ -42,6 +41,7 @@ from k15 import (
 from k15 import metrics as metrics_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
+from k15.rewards import reward_model as reward_model_lib
 
 _LOSS_KEYS = (
   "tokens_BxT",
@@ -244,12 +244,12 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
   ro = s.rollout
   P, K, G = ro.prompts_per_iter, ro.k, len(groups)
   trajs = [t for g in groups for t in g.members]
-  answers = [
-    r.problems["rl"][g.problem].answer for g in groups for _ in range(K)
-  ]
-  correct_GxK = evaluate.score_responses(
-    r.tok, trajs, answers, r.task.verify
-  ).reshape(G, K)
+  # the task's rule verifier, or the RM of config.reward (+ its metrics)
+  problems = [r.problems["rl"][g.problem] for g in groups for _ in range(K)]
+  correct, reward_metrics = reward_model_lib.score(
+    r.reward_model, r.tok, trajs, problems, r.task.verify
+  )
+  correct_GxK = correct.reshape(G, K)
   lengths_GxK = np.array([len(t.response) for t in trajs], np.float32).reshape(
     G, K
   )
@@ -375,5 +375,6 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
       "rollout/oldest_segment_age": float(it - oldest),
       "rollout/group_age": float(np.mean([it - g.born for g in groups])),
     },
+    **reward_metrics,
   )
   return state, out, skips

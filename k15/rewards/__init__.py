@@ -5,7 +5,9 @@ list[RewardResult]`:
 - "exact": final-answer extraction + exact comparison (synthetic tasks);
 - "math": the same rules, then `math-verify` equivalence in worker
   processes (`k15.rewards.math`);
-- "code": programs run against tests in the sandbox (`k15.rewards.code`).
+- "code": programs run against tests in the sandbox (`k15.rewards.code`);
+- "cot_rm" / "scalar_rm": a trained reward model's judgement
+  (`k15.rewards.reward_model`; cfg `ckpt=` an RM directory).
 Items carry `prompt` and `answer` (exact, math) or `tests` / `entry_point`
 (code); `finished=False` (cut by the length limit) always scores 0.
 
@@ -26,14 +28,15 @@ from k15.rewards.base import (
   RewardResult,
 )
 
-KINDS = ("exact", "math", "code")
+KINDS = ("exact", "math", "code", "cot_rm", "scalar_rm")
 
 __all__ = ["KINDS", "RewardFn", "RewardPool", "RewardResult", "get_reward_fn"]
 
 
 def get_reward_fn(kind: str, **cfg: Any) -> RewardFn:
   """The reward function of a task kind; `cfg` goes to its constructor
-  (`MathReward` for exact/math, `CodeReward` for code)."""
+  (`MathReward` for exact/math, `CodeReward` for code,
+  `reward_model.from_cfg` for cot_rm/scalar_rm)."""
   if kind == "exact":
     from k15.rewards import math as math_reward
 
@@ -46,6 +49,10 @@ def get_reward_fn(kind: str, **cfg: Any) -> RewardFn:
     from k15.rewards import code
 
     return code.CodeReward(**cfg)
+  if kind in ("cot_rm", "scalar_rm"):
+    from k15.rewards import reward_model
+
+    return reward_model.from_cfg(kind, **cfg)
   raise ValueError(f"unknown reward kind {kind!r}; known kinds: {KINDS}")
 
 
