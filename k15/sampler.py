@@ -18,13 +18,13 @@ the weights and the cache, and XLA:CPU materialises every slice of a stacked
 [L, ...] array that feeds a matmul (on CPU that copy cost as much as the
 matmuls). So the decode step is written out here (`_decode_forward`, the
 same math as `model.Block`, pinned against the full forward by
-tests/test_sampler.py) over a cache that holds one [B, K, S, Dh] array per
-layer (attention reads it in place; the new key is written into it in
-place), and over per-layer weights sliced from the trainer's stacked arrays
-once per `decode` call rather than once per step. (Slicing inside the step
-peaks at the same memory on XLA:CPU, which keeps all of a step's slices
-alive at once, and was 13% slower for a 75M model; on TPU the slices are
-views either way.)
+tests/test_sampler.py) over a cache that holds, per layer, keys as
+[B, K, Dh, S] and values as [B, K, S, Dh] (both attention matmuls read them
+in place; the new key and value are written into them in place), and over
+per-layer weights sliced from the trainer's stacked arrays once per `decode`
+call rather than once per step. (Slicing inside the step peaks at the same
+memory on XLA:CPU, which keeps all of a step's slices alive at once, and was
+13% slower for a 75M model; on TPU the slices are views either way.)
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class SamplingConfig:
 
 @flax.struct.dataclass
 class SamplingState:
-  # {"k": L x [B, K, S, Dh], "v": L x [B, K, S, Dh], "pos": [B, S],
+  # {"k": L x [B, K, Dh, S], "v": L x [B, K, S, Dh], "pos": [B, S],
   #  "seg": [B, S]}: one array per layer, so decode updates it in place
   cache: dict
   index: jax.Array  # [] next cache slot to write
@@ -299,20 +299,42 @@ def detect_repeat(
 
 
 def _weights(params, model: model_lib.ModelConfig) -> dict:
-  """Per-layer weight dicts (static slices of the stacked params)."""
+  """The decode step's weights: per layer, every matrix as [out, in] in the
+  compute dtype (x @ w.T, contracting both minor axes, is the faster
+  matmul on XLA:CPU: 1.4x for the MLP and the logits at 32 rows). Made
+  once per `decode` call from the trainer's stacked params."""
   p = nn.unbox(params)
   p = p["params"] if "params" in p else p
-  out_w = p["embedding"].T if model.tie_embeddings else p["lm_head"]
-  layers = p["layers"]
-  flat = {
-    k: v["scale"] if isinstance(v, dict) else v for k, v in layers.items()
-  }
-  per_layer = [
-    {k: v[i] for k, v in flat.items()} for i in range(model.num_layers)
-  ]
+  dt = model.jnp_dtype
+  D, H, K, Dh = (
+    model.d_model,
+    model.num_heads,
+    model.num_kv_heads,
+    model.head_dim,
+  )
+  lp = p["layers"]
+  per_layer = []
+  for i in range(model.num_layers):
+    w = dict(
+      attn_norm=lp["attn_norm"]["scale"][i],
+      mlp_norm=lp["mlp_norm"]["scale"][i],
+      q=lp["q"][i].reshape(D, H * Dh).T,
+      k=lp["k"][i].reshape(D, K * Dh).T,
+      v=lp["v"][i].reshape(D, K * Dh).T,
+      o=lp["o"][i].reshape(H * Dh, D).T,
+      gate=lp["gate"][i].T,
+      up=lp["up"][i].T,
+      down=lp["down"][i].T,
+    )
+    w = {k: x if "norm" in k else x.astype(dt) for k, x in w.items()}
+    if model.qkv_bias:
+      for name in ("q_bias", "k_bias", "v_bias"):
+        w[name] = lp[name][i].reshape(-1).astype(dt)
+    per_layer.append(w)
+  out_VxD = p["embedding"] if model.tie_embeddings else p["lm_head"].T
   return dict(
     embedding=p["embedding"],
-    out=out_w,
+    out=out_VxD.astype(dt),
     final_norm=p["final_norm"]["scale"],
     layers=per_layer,
   )
@@ -325,17 +347,27 @@ def _rms(x, scale, model):
   return (x * scale.astype(jnp.float32)).astype(model.jnp_dtype)
 
 
-def _mm(spec, x, w, dt):
-  """einsum with float32 accumulation (bf16 takes the fast matmul path)."""
+def _mm(x_BxI, w_OxI, dt):
+  """x @ w.T with float32 accumulation (bf16 then takes XLA:CPU's fast
+  matmul path), in dtype dt."""
   return jnp.einsum(
-    spec, x, w.astype(dt), preferred_element_type=jnp.float32
+    "bi,oi->bo", x_BxI, w_OxI, preferred_element_type=jnp.float32
   ).astype(dt)
+
+
+def _cache_dtype(dt) -> jnp.dtype:
+  """The decode cache is float32 on CPU: XLA:CPU round-trips a bf16 buffer
+  through f32 around a dynamic-update-slice (the whole cache, every step),
+  and its bf16 batched matmuls are slower; elsewhere the model's dtype."""
+  if jax.default_backend() == "cpu":
+    return jnp.dtype(jnp.float32)
+  return jnp.dtype(dt)
 
 
 def _decode_block(
   w,
   x_BxD,
-  k_BxKxSxDh,
+  k_BxKxDhxS,
   v_BxKxSxDh,
   pos_B,
   mask_BxS,
@@ -347,13 +379,16 @@ def _decode_block(
   H, K, Dh = model.num_heads, model.num_kv_heads, model.head_dim
   dt = model.jnp_dtype
   h = _rms(x_BxD, w["attn_norm"], model)
-  q_BxHxDh = _mm("bd,dhk->bhk", h, w["q"], dt)
-  k_BxKxDh = _mm("bd,dhk->bhk", h, w["k"], dt)
-  v_BxKxDh = _mm("bd,dhk->bhk", h, w["v"], dt)
+  q_BxHDh = _mm(h, w["q"], dt)
+  k_BxKDh = _mm(h, w["k"], dt)
+  v_BxKDh = _mm(h, w["v"], dt)
   if model.qkv_bias:
-    q_BxHxDh += w["q_bias"].astype(dt)
-    k_BxKxDh += w["k_bias"].astype(dt)
-    v_BxKxDh += w["v_bias"].astype(dt)
+    q_BxHDh += w["q_bias"]
+    k_BxKDh += w["k_bias"]
+    v_BxKDh += w["v_bias"]
+  q_BxHxDh = q_BxHDh.reshape(B, H, Dh)
+  k_BxKxDh = k_BxKDh.reshape(B, K, Dh)
+  v_BxKxDh = v_BxKDh.reshape(B, K, Dh)
   rope = functools.partial(
     model_lib.rope,
     pos_BxT=pos_B[:, None],
@@ -362,17 +397,19 @@ def _decode_block(
   )
   q_BxHxDh = rope(q_BxHxDh[:, None])[:, 0]
   k_BxKxDh = rope(k_BxKxDh[:, None])[:, 0]
-  k_BxKxSxDh = jax.lax.dynamic_update_slice_in_dim(
-    k_BxKxSxDh, k_BxKxDh[:, :, None].astype(k_BxKxSxDh.dtype), index, 2
+  k_BxKxDhxS = jax.lax.dynamic_update_slice_in_dim(
+    k_BxKxDhxS, k_BxKxDh[..., None].astype(k_BxKxDhxS.dtype), index, 3
   )
   v_BxKxSxDh = jax.lax.dynamic_update_slice_in_dim(
     v_BxKxSxDh, v_BxKxDh[:, :, None].astype(v_BxKxSxDh.dtype), index, 2
   )
-  # grouped-query attention of one query per row over the whole cache
+  # grouped-query attention of one query per row over the whole cache;
+  # keys are stored [Dh, S] so q @ k is a plain matmul (contracting k's
+  # minor axis instead made XLA:CPU repack the cache: 15x slower)
   q_BxKxGxDh = q_BxHxDh.reshape(B, K, H // K, Dh)
   s_BxKxGxS = jnp.matmul(
-    q_BxKxGxDh,
-    jnp.swapaxes(k_BxKxSxDh, -1, -2),
+    q_BxKxGxDh.astype(k_BxKxDhxS.dtype),
+    k_BxKxDhxS,
     preferred_element_type=jnp.float32,
   )
   s_BxKxGxS = jnp.where(
@@ -388,13 +425,13 @@ def _decode_block(
     v_BxKxSxDh,
     preferred_element_type=jnp.float32,
   )
-  o_BxHxDh = o_BxKxGxDh.reshape(B, H, Dh).astype(dt)
-  x_BxD = x_BxD + _mm("bhk,hkd->bd", o_BxHxDh, w["o"], dt)
+  o_BxHDh = o_BxKxGxDh.reshape(B, H * Dh).astype(dt)
+  x_BxD = x_BxD + _mm(o_BxHDh, w["o"], dt)
   h = _rms(x_BxD, w["mlp_norm"], model)
-  g_BxF = _mm("bd,df->bf", h, w["gate"], dt)
-  u_BxF = _mm("bd,df->bf", h, w["up"], dt)
-  x_BxD = x_BxD + _mm("bf,fd->bd", nn.silu(g_BxF) * u_BxF, w["down"], dt)
-  return x_BxD, k_BxKxSxDh, v_BxKxSxDh
+  g_BxF = _mm(h, w["gate"], dt)
+  u_BxF = _mm(h, w["up"], dt)
+  x_BxD = x_BxD + _mm(nn.silu(g_BxF) * u_BxF, w["down"], dt)
+  return x_BxD, k_BxKxDhxS, v_BxKxSxDh
 
 
 def _decode_forward(
@@ -430,28 +467,33 @@ def _decode_forward(
     ks.append(k)
     vs.append(v)
   h_BxD = _rms(x_BxD, w["final_norm"], model)
-  logits_BxV = jnp.einsum(
-    "bd,dv->bv", h_BxD, w["out"].astype(dt), preferred_element_type=jnp.float32
-  )
+  # rounded to the compute dtype first, as `model.Decoder.logits` does
+  logits_BxV = _mm(h_BxD, w["out"], dt).astype(jnp.float32)
   return logits_BxV, dict(
     k=tuple(ks), v=tuple(vs), pos=kv_pos_BxS, seg=kv_seg_BxS
   )
 
 
 def _to_decode_cache(cache: dict, cache_len: int) -> dict:
-  """The model's stacked [L, B, P, K, Dh] prompt cache -> per-layer
-  [B, K, S, Dh] arrays with room for S - P new keys (segment 0)."""
+  """The model's stacked [L, B, P, K, Dh] prompt cache -> per-layer keys
+  [B, K, Dh, S] and values [B, K, S, Dh] with room for S - P new tokens
+  (segment 0)."""
   P = cache["pos"].shape[1]
   pad = cache_len - P
+  cdt = _cache_dtype(cache["k"].dtype)
 
-  def layer(x_BxPxKxDh):
-    x = jnp.swapaxes(x_BxPxKxDh, 1, 2)
+  def keys(x_BxPxKxDh):
+    x = jnp.transpose(x_BxPxKxDh, (0, 2, 3, 1)).astype(cdt)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad)))
+
+  def values(x_BxPxKxDh):
+    x = jnp.swapaxes(x_BxPxKxDh, 1, 2).astype(cdt)
     return jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
 
   L = cache["k"].shape[0]
   return dict(
-    k=tuple(layer(cache["k"][i]) for i in range(L)),
-    v=tuple(layer(cache["v"][i]) for i in range(L)),
+    k=tuple(keys(cache["k"][i]) for i in range(L)),
+    v=tuple(values(cache["v"][i]) for i in range(L)),
     pos=jnp.pad(cache["pos"], ((0, 0), (0, pad))),
     seg=jnp.pad(cache["seg"], ((0, 0), (0, pad))),
   )

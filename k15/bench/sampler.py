@@ -204,6 +204,10 @@ def bench_tunix(cfg, args, timer) -> dict[str, float] | str:
   return out.get("error") or out
 
 
+def _num(x: float) -> str:
+  return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _table(rows: list[tuple[str, ...]], head: tuple[str, ...]) -> str:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -309,10 +313,10 @@ def main(argv: list[str]) -> None:
   rows = [
     (
       "roofline (measured F, W)",
-      f"{roof['wall']:.0f}",
-      f"{1e3 * args.batch / roof['wall']:.1f}",
+      _num(roof["wall"]),
+      _num(1e3 * args.batch / roof["wall"]),
       "1.00",
-      f"{roof['cpu']:.0f}",
+      _num(roof["cpu"]),
       "1.00",
       "",
     )
@@ -328,10 +332,10 @@ def main(argv: list[str]) -> None:
     rows.append(
       (
         names[key],
-        f"{w:.0f}",
-        f"{1e3 * args.batch / w:.1f}",
+        _num(w),
+        _num(1e3 * args.batch / w),
         f"{w / roof['wall']:.2f}",
-        f"{c:.0f}",
+        _num(c),
         f"{c / roof['cpu']:.2f}",
         vs,
       )
