@@ -94,12 +94,13 @@ def test_param_optimizer_and_cache_bytes(which, request):
   total_p = p.model.num_params() * 4
   assert total_p / split <= want_p < 1.5 * total_p / split
   # KV cache: [L, B, S, K, Dh] k and v in f32 plus int32 pos/seg [B, S];
-  # k/v are split over all 8 devices (batch x heads or batch x length).
+  # k/v are split over all 8 devices (batch x heads or batch x length); the
+  # small pos/seg arrays at least over the batch axes (data=2).
   m, r = p.model, cfg.rollout
   kv = 2 * m.num_layers * r.gen_rows * r.max_len * m.num_kv_heads
   kv *= m.head_dim * 4
   ids = 2 * r.gen_rows * r.max_len * 4
-  assert kv / 8 + ids / 8 <= pre.kv_cache <= kv / 8 + ids / 4
+  assert kv / 8 + ids / 8 <= pre.kv_cache <= kv / 8 + ids / 2
   assert dec.kv_cache == pre.kv_cache
   assert upd.kv_cache == 0
   for ph in p.phases:
