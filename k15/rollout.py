@@ -299,18 +299,22 @@ class RolloutBuffer:
     problems: Sequence[int],
     prompts: Sequence[Sequence[int]],
     iteration: int,
-    caps: Sequence[int],
+    caps: Sequence[int | Sequence[int]],
   ) -> None:
-    """New groups of k empty trajectories; caps[i] for problem i."""
+    """New groups of k empty trajectories for problems[i]; caps[i] is the
+    response cap of its members (one int, or one per member)."""
     for p, q, cap in zip(problems, prompts, caps, strict=True):
+      cap_k = [cap] * self.k if np.ndim(cap) == 0 else list(cap)
+      if len(cap_k) != self.k:
+        raise ValueError(f"{len(cap_k)} caps for a group of {self.k}")
       members = [
         Trajectory(
           np.zeros(0, np.int32),
           np.zeros(0, np.float32),
           np.zeros(0, np.int32),
-          int(cap),
+          int(c),
         )
-        for _ in range(self.k)
+        for c in cap_k
       ]
       self.groups.append(
         Group(self.next_gid, int(p), list(q), iteration, members)

@@ -473,3 +473,130 @@ def test_training_row_widths_are_a_few_buckets():
     assert rl._response_len(n, budget, cap) >= n
   # multiples of 16 up to the budget, of the budget beyond it
   assert len(widths) == budget // 16 + -(-(cap - budget) // budget)
+
+
+# ---------------------------------------------------------------------------
+# The RL iteration with partial rollouts (in process, a toy run)
+# ---------------------------------------------------------------------------
+
+
+class _Tok:
+  """Characters -> ids 2..21; 0 pads, 1 ends."""
+
+  pad_id, eos_id, vocab_size = 0, 1, 24
+
+  def encode(self, text):
+    return [2 + ord(c) % 20 for c in text[-6:]]
+
+  def decode(self, ids):
+    return "".join(chr(97 + int(i) % 26) for i in ids)
+
+
+def _toy_run(loss_segments: str):
+  import dataclasses
+  import types
+
+  from k15 import pipeline, train
+  from k15.tasks.arithmetic import Problem
+
+  cfg = dict(
+    seed=0,
+    stages=("rl",),
+    model=dict(
+      vocab_size=24,
+      num_layers=1,
+      d_model=32,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=16,
+      mlp_dim=32,
+      max_len=32,
+      emb_init_scale=0.5,
+    ),
+    rollout=dict(
+      k=2,
+      prompts_per_iter=4,
+      prompt_len=8,
+      budget=4,
+      max_len=20,
+      gen_rows=8,
+      partial=True,
+      loss_segments=loss_segments,
+    ),
+    rl=dict(iterations=6, num_minibatches=2),
+    mesh=dict(data=1, fsdp=1, tensor=1, context=1),
+  )
+  s = pipeline.settings(cfg, vocab_size=24)
+  tok = _Tok()
+  problems = [Problem(f"q{i}", "a", 1 + i % 3, "") for i in range(40)]
+  tx = train.make_optimizer(s.optim)
+  params = nn.unbox(model_lib.init_params(jax.random.key(1), model=s.model))
+  state = train.TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+  )
+  r = types.SimpleNamespace(
+    s=s,
+    rng=lambda stage, step: jax.random.fold_in(jax.random.key(7), step),
+    problems={"rl": problems},
+    tok=tok,
+    sampling=dataclasses.replace(s.sampler, stop_tokens=(1,)),
+    shard=lambda tree: tree,
+    task=types.SimpleNamespace(verify=lambda text, answer: text[:1] == "b"),
+    tx=tx,
+    reward_model=None,
+  )
+  return r, state
+
+
+def _iterate(r, state, buf, sampler_, its):
+  out = []
+  for it in its:
+    state, m, _ = rl.rl_iteration(r, state, it, sampler_, 0, buf)
+    out.append(m)
+  return state, out
+
+
+def test_rl_iterations_with_partial_rollouts():
+  """Carry-over bookkeeping, the new-prompt policy, off-policy tokens in
+  the loss (loss_segments="all"; "current" is pinned by the batch test
+  above), and resuming from a JSON copy of the buffer."""
+  from k15 import curriculum
+
+  r, state = _toy_run("all")
+  difficulty = np.array([p.difficulty for p in r.problems["rl"]])
+  ps = curriculum.PromptSampler(difficulty, r.s.data, 0)
+  buf = rollout.RolloutBuffer(2, partial=True)
+  state, ms = _iterate(r, state, buf, ps, range(3))
+  # resume from a JSON copy of the buffer (and copies of the rest): the
+  # continuation is the same as going on without the round trip
+  snap = json.loads(json.dumps(buf.state_dict()))
+  ps_snap = ps.state_dict()
+  state_snap = jax.tree.map(jnp.copy, state)
+  state, rest = _iterate(r, state, buf, ps, range(3, 6))
+  buf2 = rollout.RolloutBuffer(2, partial=True)
+  buf2.load_state_dict(snap)
+  ps.load_state_dict(ps_snap)
+  _, again = _iterate(r, state_snap, buf2, ps, range(3, 6))
+  drop = ("time", "per_s")
+  for a, b in zip(rest, again, strict=True):
+    a = {k: v for k, v in a.items() if not any(d in k for d in drop)}
+    b = {k: v for k, v in b.items() if not any(d in k for d in drop)}
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_equal(a[k], b[k], err_msg=k)
+  ms += rest
+  carried = [m["rollout/carried_over"] for m in ms]
+  pairs = zip(ms[1:], carried[:-1], strict=True)
+  assert all(m["rollout/carried_in"] == c for m, c in pairs)
+  assert sum(carried) > 0, "the budget should cut some trajectories"
+  trained = [m["rollout/groups_trained"] for m in ms]
+  assert max(trained) <= 4 and sum(trained) >= 8
+  # new prompts = 4 minus the finished groups waiting
+  for m, prev in zip(ms[1:], ms[:-1], strict=True):
+    assert (
+      m["rollout/new_prompts"] == 4 - prev["rollout/buffer_finished_groups"]
+    )
+  old = [m["rollout/old_token_frac"] for m in ms if "loss" in m]
+  off = [m["rollout/off_policy_token_frac"] for m in ms if "loss" in m]
+  assert max(old) > 0, "some trained trajectories span iterations"
+  assert off == old
