@@ -339,6 +339,29 @@ def test_bucketed_calls_are_few_ordered_and_never_retrace(monkeypatch):
   assert calls == [((4, 2), 6), ((4, 10), 14), ((4, 6), 10)]
 
 
+def test_no_kv_cache_outlives_a_sampler_call():
+  import gc
+
+  gen = rollout.GenConfig(rows=4, prompt_buckets=(2,), budget=4, cache_len=14)
+  params = _transition_params()
+  before = {id(x) for x in jax.live_arrays()}
+  out = rollout.generate_segments(
+    params,
+    [rollout.Request([3]), rollout.Request([6])],
+    jax.random.key(0),
+    model=TCFG,
+    sampling=GREEDY,
+    gen=gen,
+    pad_id=PAD,
+  )
+  assert [len(g.response) for g in out] == [2, 4]
+  gc.collect()
+  S = 2 + 4  # bucket + budget
+  cache_shapes = {(4, 1, 8, S), (4, 1, S, 8), (4, S)}
+  left = [x.shape for x in jax.live_arrays() if id(x) not in before]
+  assert not [s for s in left if tuple(s) in cache_shapes], left
+
+
 # ---------------------------------------------------------------------------
 # Sampler features the engine relies on
 # ---------------------------------------------------------------------------
