@@ -178,7 +178,19 @@ _SECTIONS = {
 
 def settings(config: ml_collections.ConfigDict, *, vocab_size: int | None
              = None, num_devices: int | None = None) -> Settings:
-  """Validates the whole config before any work; errors name the field."""
+  """Validates the whole config before any work; errors name the field.
+
+  Raises config_lib.ConfigError (a ValueError)."""
+  try:
+    return _settings(config, vocab_size=vocab_size, num_devices=num_devices)
+  except config_lib.ConfigError:
+    raise
+  except (ValueError, TypeError, KeyError) as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    raise config_lib.ConfigError(msg) from e
+
+
+def _settings(config, *, vocab_size, num_devices) -> Settings:
   cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   config_lib.check_keys(
       cfg, set(_SECTIONS) | {"seed", "stages", "mesh", "name", "init"},
@@ -244,6 +256,9 @@ _NON_NEGATIVE = ("rl.iterations", "sft.steps", "task.num_sft", "task.num_rl",
 
 
 def _check_combinations(s: Settings, vocab_size, num_devices) -> None:
+  if s.task.name not in tasks.TASKS:
+    raise ValueError(f"config: task.name={s.task.name!r}; known tasks: "
+                     f"{tasks.TASKS}")
   try:
     s.loss  # noqa: B018 - LossConfig validates rl.loss / rl.tau / clip...
   except ValueError as e:  # name the config field, not the dataclass's
@@ -352,8 +367,9 @@ class Run:
     if s.tokenizer.kind == "file":
       return tokenizer_lib.load(s.tokenizer.path)
     if s.tokenizer.kind != "sentencepiece":
-      raise ValueError(f"config: tokenizer.kind={s.tokenizer.kind!r}; "
-                       "expected sentencepiece | file")
+      raise config_lib.ConfigError(
+          f"config: tokenizer.kind={s.tokenizer.kind!r}; "
+          "expected sentencepiece | file")
     path = os.path.join(self.workdir, "tokenizer.model")
     if os.path.exists(path):
       return tokenizer_lib.load(path)
@@ -575,7 +591,8 @@ def _need_sft_state(r: Run, sft_state):
   out = ck.restore(dict(train=r.abstract))
   ck.close()
   if out is None or not out[2].get("done"):
-    raise ValueError("config: this stage starts from the SFT weights, but "
+    raise config_lib.ConfigError(
+        "config: this stage starts from the SFT weights, but "
                      "the sft stage has not finished in this workdir; add "
                      "'sft' to config.stages")
   r.results.update(out[2].get("results", {}))

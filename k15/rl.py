@@ -36,6 +36,7 @@ from k15 import (
   objective,
   pipeline,
   rollout,
+  sharding,
   train,
 )
 from k15 import metrics as metrics_lib
@@ -310,7 +311,7 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
         model=s.model,
       )
     )
-  batch["ref_logp_BxT"] = np.concatenate(jax.device_get(ref))
+  batch["ref_logp_BxT"] = np.concatenate(sharding.gather(ref))
 
   if s.rl.reset_optimizer:
     state = train.reset_optimizer(state, tx=r.tx)
@@ -331,7 +332,7 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
       )
       faults.point("rl", it + 1, "update")
       step_metrics.append(m)
-  step_metrics = jax.device_get(step_metrics)
+  step_metrics = sharding.gather(step_metrics)
   for m in step_metrics:
     skips = skips + 1 if m["skipped"] else 0
   t_end = time.time()

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from k15 import model as model_lib
-from k15 import sampler
+from k15 import sampler, sharding
 
 _NO_CAP = 1 << 30
 
@@ -157,7 +157,8 @@ def generate_segments(
       pad_id=pad_id,
       max_new_B=max_new,
     )
-    tokens, logp, slp, length, status = jax.device_get(
+    # every process gets every row (multi-host: an all-gather)
+    tokens, logp, slp, length, status = sharding.gather(
       (state.tokens, state.logp, state.sample_logp, state.length, state.status)
     )
     del state  # the KV cache is freed before the next call
