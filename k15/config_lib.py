@@ -22,8 +22,11 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-class ConfigError(ValueError):
-  """A config that cannot run (unknown field, bad type or combination)."""
+class ConfigError(ValueError, TypeError):
+  """A config that cannot run (unknown field, bad type or combination).
+
+  Both a ValueError and a TypeError, so callers catching either (e.g. an
+  ill-typed field) still do."""
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
