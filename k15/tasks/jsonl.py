@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-KINDS = ("exact", "math", "code")  # k15.rewards.KINDS (kept import-light)
+KINDS = ("exact", "math", "code", "cot_rm", "scalar_rm")  # = k15.rewards.KINDS
 ON_ERROR = ("fail", "skip")
 
 
