@@ -347,6 +347,21 @@ def _init_boxed(rng: jax.Array, *, kind: str, model: model_lib.ModelConfig):
   )
 
 
+def _unbox(tree: Any) -> Any:
+  """Drops the logical-axis boxes without a sharding constraint (`nn.unbox`
+  would apply one, which fails on abstract or host values under a mesh
+  context, as inside a run)."""
+  return jax.tree.map(
+    lambda x: (
+      x.unbox(apply_constraint=False)
+      if isinstance(x, nn.meta.AxisMetadata)
+      else x
+    ),
+    tree,
+    is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+  )
+
+
 def param_shardings(kind: str, model: model_lib.ModelConfig, mesh) -> Any:
   boxed = jax.eval_shape(
     functools.partial(_init_boxed, kind=kind, model=model), jax.random.key(0)
@@ -369,7 +384,7 @@ def init_params(
   params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
   if decoder is None:
     return params
-  dec = nn.unbox(decoder)
+  dec = _unbox(decoder)
   if kind == "scalar_rm":
     params = {"params": {**params["params"], "decoder": dec["params"]}}
   else:
@@ -638,13 +653,14 @@ def load(
   kind = meta["kind"]
   tok = tokenizer_lib.load(os.path.join(directory, meta["tokenizer"]))
   placed = mesh if mesh is not None else _one_device_mesh()
-  shardings = param_shardings(kind, model, placed)
+  boxed = jax.eval_shape(
+    functools.partial(_init_boxed, kind=kind, model=model), jax.random.key(0)
+  )
   abstract = jax.tree.map(
     lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-    nn.unbox(jax.eval_shape(functools.partial(
-      _init_boxed, kind=kind, model=model), jax.random.key(0))),
-    shardings,
-  )  # fmt: skip
+    _unbox(boxed),
+    sharding.param_shardings(boxed, placed),
+  )
   ck = ckpt_lib.Checkpointer(os.path.join(directory, "params"))
   out = ck.restore(dict(params=abstract))
   ck.close()
