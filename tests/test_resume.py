@@ -161,7 +161,9 @@ def uninterrupted(tmp_path_factory, config):
   # the state a resume must restore is really there: trajectories in flight
   # at every checkpoint, and RL updates that change the weights
   assert all(r["rollout/buffer_running"] > 0 for r in rl), rl
-  assert [r.get("grad_norm", 0) > 0 for r in rl] == [0, 0, 1, 1], rl
+  # (the kill points below sit in steps 3-4, which must update the weights;
+  # whether earlier groups already finish depends on the tiny task's tuning)
+  assert all(r.get("grad_norm", 0) > 0 for r in rl[2:]), rl
   return workdir
 
 
