@@ -101,6 +101,9 @@ class RolloutConfig:
   partial: bool = False
   loss_segments: str = "all"  # all | current (only this policy's tokens)
   repeat_penalty: float = 0.0  # subtracted from the reward of REPEAT rows
+  # > 0: continued trajectories get sampler calls of this many rows of their
+  # own (less left padding to re-prefill); 0: they share gen_rows calls
+  continue_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +165,8 @@ class Settings:
             if r.partial else ())
     return rollout.GenConfig(rows=r.gen_rows, prompt_buckets=(r.prompt_len,),
                              budget=r.budget, cache_len=r.max_len,
-                             continue_buckets=cont)
+                             continue_buckets=cont,
+                             continue_rows=r.continue_rows)
 
 
 _SECTIONS = {
@@ -252,7 +256,7 @@ _POSITIVE = ("rollout.k", "rollout.prompts_per_iter", "rollout.prompt_len",
              "rl.num_minibatches", "rl.epochs", "rl.max_consecutive_skips",
              "sft.batch_size", "eval.num_samples")
 _NON_NEGATIVE = ("rl.iterations", "sft.steps", "task.num_sft", "task.num_rl",
-                 "task.num_eval")
+                 "task.num_eval", "rollout.continue_rows")
 
 
 def _check_combinations(s: Settings, vocab_size, num_devices) -> None:
@@ -305,6 +309,7 @@ def _check_combinations(s: Settings, vocab_size, num_devices) -> None:
     for name, n in (("rl minibatch (rollout.k * prompts_per_iter / "
                      "rl.num_minibatches)", rows // s.rl.num_minibatches),
                     ("rollout.gen_rows", r.gen_rows),
+                    ("rollout.continue_rows", r.continue_rows),
                     ("sft.batch_size", s.sft.batch_size)):
       if n % div:
         raise ValueError(f"config: {name} = {n} is not divisible by the "

@@ -54,6 +54,8 @@ class GenConfig:
     response tokens in all.
   continue_buckets: left-padded lengths for prompt + partial response;
     () means a row cut by the budget is final.
+  continue_rows: > 0: continued rows get calls of this many rows of their
+    own (less left padding to re-prefill); 0: they share calls of `rows`.
   A call at bucket b has a cache of b + budget slots.
   """
 
@@ -62,6 +64,7 @@ class GenConfig:
   budget: int
   cache_len: int
   continue_buckets: tuple[int, ...] = ()
+  continue_rows: int = 0
 
   def __post_init__(self):
     if self.cache_len < max(self.prompt_buckets) + self.budget:
@@ -132,11 +135,22 @@ def generate_segments(
   ctx = [list(q.prompt) + [int(t) for t in q.prefix] for q in requests]
   row_bucket = [sampler.bucket_for(len(c), buckets) for c in ctx]
   order = sorted(range(len(requests)), key=lambda i: row_bucket[i])
+  groups = [(order, gen.rows)]
+  if gen.continue_rows:
+    fresh = set(gen.prompt_buckets)
+    groups = [
+      ([i for i in order if row_bucket[i] in fresh], gen.rows),
+      ([i for i in order if row_bucket[i] not in fresh], gen.continue_rows),
+    ]
+  chunks = [
+    (rows[start : start + size], size)
+    for rows, size in groups
+    for start in range(0, len(rows), size)
+  ]
   out: list[Generation | None] = [None] * len(requests)
-  for c, start in enumerate(range(0, len(order), gen.rows)):
-    chunk = order[start : start + gen.rows]
+  for c, (chunk, size) in enumerate(chunks):
     bucket = max(row_bucket[i] for i in chunk)
-    pad = gen.rows - len(chunk)
+    pad = size - len(chunk)
     toks, seg = sampler.left_pad(
       [ctx[i] for i in chunk] + [[]] * pad, bucket, pad_id
     )

@@ -16,9 +16,9 @@ training):
 - without partial rollouts: `prompts_per_iter` new groups of k, budget =
   max_response, so a call decodes until its longest row is done;
 - with partial rollouts: budget `--budget`; a cut trajectory is carried to
-  the next iteration (re-prefilled); new groups = prompts_per_iter minus
-  the finished groups still waiting; at most prompts_per_iter groups leave
-  per iteration.
+  the next iteration (re-prefilled, in calls of `--continue_rows` rows of
+  their own); new groups = prompts_per_iter minus the finished groups still
+  waiting; at most prompts_per_iter groups leave per iteration.
 
 Both run until `--groups` groups have finished (the same number of finished
 trajectories). Useful tokens = the response tokens of finished
@@ -60,16 +60,15 @@ def run(params, cfg, args, *, partial: bool) -> dict:
     continue_buckets=(
       rollout.continue_buckets(args.prompt, budget, max_len) if partial else ()
     ),
+    continue_rows=args.continue_rows if partial else 0,
   )
   samp = sampler.SamplingConfig(temperature=1.0, method=args.method)
   kw = dict(model=cfg, sampling=samp, gen=gen, pad_id=0)
   # compile every bucket once, outside the timed loop
   for b in gen.buckets:
     prefix = [1] * (b - args.prompt)
-    rollout.generate_segments(
-      params, [rollout.Request([1] * args.prompt, prefix, 1)],
-      jax.random.key(0), **kw,
-    )  # fmt: skip
+    req = rollout.Request([1] * args.prompt, prefix, 1)
+    rollout.generate_segments(params, [req], jax.random.key(0), **kw)
   # the same sequence of groups (prompt, k target lengths) for both runs
   data_rng = np.random.default_rng(args.seed)
   n_max = args.groups + 16 * P
@@ -98,7 +97,6 @@ def run(params, cfg, args, *, partial: bool) -> dict:
     its.append(
       dict(
         rows=len(reqs),
-        calls=-(-len(reqs) // args.rows),
         carried=sum(not t.finished for _, t in todo),
         finished_groups=len(groups),
         useful=sum(len(t.response) for g in groups for t in g.members),
@@ -134,6 +132,12 @@ def main(argv: list[str]) -> None:
   p.add_argument("--prompts_per_iter", type=int, default=16)
   p.add_argument("--k", type=int, default=4)
   p.add_argument("--rows", type=int, default=32, help="rows per call")
+  p.add_argument(
+    "--continue_rows",
+    type=int,
+    default=16,
+    help="rollout.continue_rows with partial rollouts (0: share calls)",
+  )
   p.add_argument("--prompt", type=int, default=16)
   p.add_argument("--budget", type=int, default=64)
   p.add_argument("--max_response", type=int, default=512)
@@ -166,7 +170,8 @@ def main(argv: list[str]) -> None:
   print(
     f"model: {cfg.num_params() / 1e6:.1f}M params; {args.prompts_per_iter} "
     f"prompts x k={args.k} per iteration, {args.rows} rows per sampler "
-    f"call; response lengths: median {np.median(lens):.0f}, mean "
+    f"call ({args.continue_rows or args.rows} for continued rows); "
+    f"response lengths: median {np.median(lens):.0f}, mean "
     f"{lens.mean():.0f}, p99 {np.percentile(lens, 99):.0f}, max "
     f"{args.max_response}; partial budget {args.budget}; until "
     f"{args.groups} groups ({args.groups * args.k} trajectories) finished;"
