@@ -4,10 +4,11 @@
 (prompt + the response so far, and how many more tokens the trajectory may
 take). Rows are sorted (stably) by their context bucket and cut into fixed
 [rows, bucket] chunks, each at the smallest bucket that holds its longest
-row, the last chunk padded with empty rows (which start stopped). So the
-compiled prefill/decode are reused across calls and iterations: one pair per
-bucket, and the fewest sampler calls for the rows. The KV cache lives only
-inside one call.
+row, the last chunk padded with empty rows (which start stopped); with
+`continue_rows`, continued rows get chunks of that many rows of their own
+(less left padding to re-prefill). So the compiled prefill/decode are
+reused across calls and iterations: one pair per bucket. The KV cache lives
+only inside one call.
 
 `generate` samples one complete response per prompt (evaluation): rows cut
 by the budget are continued when `GenConfig.continue_buckets` has room.
