@@ -506,12 +506,6 @@ def test_briefly_trained_cot_rm_beats_chance(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-  reason="known bug: loading an RM inside the pipeline's mesh context "
-  "(jax.set_mesh) fails restoring its params with an AbstractMesh "
-  "sharding; open for the next session",
-  strict=False,
-)
 def test_rl_stage_takes_its_reward_from_an_rm(tmp_path):
   """tiny:runlocal with reward.kind=scalar_rm: the RL loop scores rollouts
   with the RM (on the run's 8-device mesh) and logs its agreement with the
