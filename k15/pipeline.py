@@ -86,6 +86,7 @@ class SFTConfig:
   steps: int = 200
   batch_size: int = 32
   lr: float = 0.0  # > 0 overrides optim.lr for supervised stages
+  eps: float = 0.0  # > 0 overrides optim.eps for supervised stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,10 +352,12 @@ class Run:
         max_steps=s.task.max_steps, ops=s.task.ops,
         sft_max_steps=s.task.sft_max_steps, max_operand=s.task.max_operand)
     self.tx = train.make_optimizer(s.optim)
-    self.sft_tx = self.tx
-    if s.sft.lr > 0:
-      self.sft_tx = train.make_optimizer(
-          dataclasses.replace(s.optim, lr=s.sft.lr))
+    # sft and control: optim with sft.lr / sft.eps where given
+    sft_optim = dataclasses.replace(
+        s.optim, lr=s.sft.lr if s.sft.lr > 0 else s.optim.lr,
+        eps=s.sft.eps if s.sft.eps > 0 else s.optim.eps)
+    self.sft_tx = (self.tx if sft_optim == s.optim
+                   else train.make_optimizer(sft_optim))
     self.writer = metrics_lib.MetricWriter(workdir)
     self.sampling = dataclasses.replace(
         s.sampler, stop_tokens=tuple(s.sampler.stop_tokens) or

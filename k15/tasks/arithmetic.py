@@ -10,11 +10,13 @@ then one running result per step, then the answer:
 
 Every operand sits at the same distance from the result that uses it (two
 tokens per step on both sides), so a small model can learn the reading
-pattern quickly; what it must know is the 270-entry table of `a op d mod 10`.
-A small warm-up set covers only part of that table: RL, which samples and is
-rewarded on many more problems, can discover the rest, imitation cannot.
-Warm-up traces are exact; RL sees only prompts and answers; the evaluation
-problems are disjoint from both.
+pattern quickly; what it must know is the table of `a op d mod 10` (270
+entries with every op and operand; `ops` and `max_operand` shrink it).
+`sft_max_steps` caps the warm-up traces' length below the RL and evaluation
+range: a model that imitated only short chains stops (or derails) after as
+many results as it has seen, and RL, rewarded on prompts of every length,
+has to extend its chain of thought. Warm-up traces are exact; RL sees only
+prompts and answers; the evaluation problems are disjoint from both.
 """
 
 from __future__ import annotations
