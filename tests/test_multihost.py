@@ -153,10 +153,14 @@ def test_processes_agree_and_match_one_process(runs):
       if not np.issubdtype(want.dtype, np.floating) or "count" in key:
         np.testing.assert_array_equal(a, want, err_msg=f"{name} {key}")
         continue
+      # reduction-order noise scales with the tensor, not the element: an
+      # element near 0 of a tensor of scale 0.25 may differ by 1e-6 after
+      # Adam normalizes a near-zero gradient coordinate
+      scale = float(np.abs(want).max())
       np.testing.assert_allclose(
-        a, want, rtol=rtol, atol=atol, err_msg=f"{name} {key}"
+        a, want, rtol=rtol, atol=max(atol, rtol * scale),
+        err_msg=f"{name} {key}",
       )
-      scale = np.abs(want).max()
       if scale > 0:
         worst = max(worst, float(np.abs(a - want).max() / scale))
   # training moved the params, so the comparison compares something
