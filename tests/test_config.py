@@ -309,3 +309,24 @@ def test_load_names_a_missing_file(tmp_path):
   missing = str(tmp_path / "nope.py")
   with pytest.raises(FileNotFoundError, match=re.escape(missing)):
     config_lib.load(missing)
+
+
+def test_sft_eps_gives_the_supervised_stages_their_own_adam_eps(tmp_path):
+  """tiny: RL's Adam eps 1e-4 (optim.eps) damps a near-zero gradient; the
+  warm-up and the control keep eps 1e-8 (sft.eps) and take a full lr step."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  cfg = config_lib.load(TINY, "runlocal")
+  assert (cfg.optim.eps, cfg.sft.eps) == (1e-4, 1e-8)
+  r = pipeline.Run(cfg, str(tmp_path / "run"))
+  r.writer.close()
+  params = {"w": jnp.zeros(3)}
+  grads = {"w": jnp.full(3, 1e-6)}
+
+  def step(tx):
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return float(jnp.abs(updates["w"]).max())
+
+  assert step(r.sft_tx) == pytest.approx(cfg.sft.lr, rel=0.02)
+  assert step(r.tx) == pytest.approx(cfg.optim.lr * 1e-6 / (1e-6 + 1e-4),
+                                     rel=0.02)
