@@ -65,6 +65,9 @@ class SamplingConfig:
   repeat_*: a row stops with status REPEAT when its last `repeat_ngram`
     tokens occur `repeat_count` times, without overlapping, within its last
     `repeat_window` generated tokens. repeat_ngram = 0 turns it off.
+  live_chunk: decode attends over the first multiple of live_chunk slots
+    that holds every written key, not the whole cache (see `decode`); 0
+    attends over the whole cache every step.
   """
 
   temperature: float = 1.0
@@ -75,8 +78,14 @@ class SamplingConfig:
   repeat_ngram: int = 0
   repeat_window: int = 64
   repeat_count: int = 4
+  live_chunk: int = 128
 
   def __post_init__(self):
+    if self.live_chunk < 0:
+      raise ValueError(
+        f"sampler.live_chunk={self.live_chunk} must be >= 0 (0 = attend "
+        "over the whole cache every step)"
+      )
     if self.method not in METHODS:
       raise ValueError(
         f"sampler.method={self.method!r}; expected one of {METHODS}"
@@ -606,20 +615,64 @@ def decode(
   max_steps: int,
   pad_id: int = 0,
 ) -> SamplingState:
-  """Up to `max_steps` decode steps; exits when every row has stopped."""
+  """Up to `max_steps` decode steps; exits when every row has stopped.
+
+  Attention reads only the live part of the cache, to within
+  `cfg.live_chunk` slots: the steps that write slots [S - chunk, S) run in
+  their own while_loop over a copy of the cache cut to its first S slots,
+  which is pasted back after (one compiled loop per S; a loop whose slots
+  are behind `index` or past the end runs no step). The copies cost about
+  two cache reads per chunk against one per step saved.
+  """
   cache_len = state.cache["pos"].shape[1]
   start = state.step
   w = _weights(params, model)
 
-  def cond(s):
-    return (s.step - start < max_steps) & jnp.any(s.status == RUNNING)
+  def run(state, S):
+    def cond(s):
+      go = (s.step - start < max_steps) & jnp.any(s.status == RUNNING)
+      return go & (s.index < S)
 
-  def body(s):
-    return _decode_step(
-      w, s, model=model, cfg=cfg, pad_id=pad_id, cache_len=cache_len
-    )
+    def body(s):
+      return _decode_step(
+        w, s, model=model, cfg=cfg, pad_id=pad_id, cache_len=cache_len
+      )
 
-  return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, state)
+
+  for S in live_bounds(cache_len, cfg.live_chunk)[:-1]:
+    cut = run(state.replace(cache=_cut_cache(state.cache, S)), S)
+    state = cut.replace(cache=_paste_cache(state.cache, cut.cache))
+  return run(state, cache_len)
+
+
+def live_bounds(cache_len: int, chunk: int) -> tuple[int, ...]:
+  """The cache lengths `decode` attends over: multiples of `chunk` below
+  cache_len, then cache_len (just cache_len when chunk is 0)."""
+  if chunk <= 0:
+    return (cache_len,)
+  return tuple(range(chunk, cache_len, chunk)) + (cache_len,)
+
+
+def _cut_cache(cache: dict, S: int) -> dict:
+  """The decode cache's first S slots."""
+  return dict(
+    k=tuple(k[..., :S] for k in cache["k"]),
+    v=tuple(v[:, :, :S] for v in cache["v"]),
+    pos=cache["pos"][:, :S],
+    seg=cache["seg"][:, :S],
+  )
+
+
+def _paste_cache(full: dict, cut: dict) -> dict:
+  """`full` with its first slots replaced by `cut`."""
+  put = jax.lax.dynamic_update_slice
+  return dict(
+    k=tuple(put(f, c, (0,) * f.ndim) for f, c in zip(full["k"], cut["k"])),
+    v=tuple(put(f, c, (0,) * f.ndim) for f, c in zip(full["v"], cut["v"])),
+    pos=put(full["pos"], cut["pos"], (0, 0)),
+    seg=put(full["seg"], cut["seg"], (0, 0)),
+  )
 
 
 def generate(

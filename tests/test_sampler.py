@@ -194,6 +194,41 @@ def test_sampler_matches_python_loop_reference(temperature):
   assert not np.array_equal(other["tokens"], got["tokens"])
 
 
+@pytest.mark.parametrize("live_chunk", [4, 7])
+def test_attending_over_live_chunks_matches_the_reference(live_chunk):
+  """decode runs one while_loop per chunk of cache slots, attending over
+  the slots written so far (rounded up to the chunk): the same tokens and
+  log-probs as the no-cache reference. Chunk 4 of an 18-slot cache with a
+  6-slot prompt skips one loop and splits the prompt's chunk."""
+  params = _random_params()
+  sampling = sampler.SamplingConfig(
+    temperature=1.0, stop_tokens=(4, 17), live_chunk=live_chunk
+  )
+  assert len(sampler.live_bounds(P + BUDGET_N, live_chunk)) >= 3
+  rng = jax.random.key(42)
+  got = _generate(params, PROMPTS, rng, sampling=sampling)
+  want = _reference(
+    params,
+    PROMPTS,
+    rng,
+    cfg=CFG,
+    sampling=sampling,
+    budget=BUDGET_N,
+    cache_len=P + BUDGET_N,
+  )
+  _assert_same(got, want)
+  assert set(got["status"]) == {STOPPED, BUDGET}, got["status"]
+
+
+def test_live_bounds():
+  assert sampler.live_bounds(768, 128) == (128, 256, 384, 512, 640, 768)
+  assert sampler.live_bounds(700, 128) == (128, 256, 384, 512, 640, 700)
+  assert sampler.live_bounds(56, 128) == (56,)
+  assert sampler.live_bounds(768, 0) == (768,)
+  with pytest.raises(ValueError, match="live_chunk"):
+    sampler.SamplingConfig(live_chunk=-1)
+
+
 def test_sampler_logp_equals_scoring_the_trajectory():
   """The log-probs kept while sampling are what the trainer recomputes."""
   params = _random_params()
@@ -383,9 +418,12 @@ def test_early_exit_when_every_row_stopped():
   assert got["step"] == 3
 
 
-def test_cache_end_stops_rows_with_max_len():
+@pytest.mark.parametrize("live_chunk", [0, 2])
+def test_cache_end_stops_rows_with_max_len(live_chunk):
   params = _transition_params(SUCC)
-  cfg = sampler.SamplingConfig(temperature=0.0, stop_tokens=(5,))
+  cfg = sampler.SamplingConfig(
+    temperature=0.0, stop_tokens=(5,), live_chunk=live_chunk
+  )
   # bucket 3 + 4 tokens fill the cache of 7 before the budget of 10
   got = _generate(
     params,
@@ -431,9 +469,12 @@ def test_repeat_detection_stops_looping_rows():
   np.testing.assert_array_equal(got["length"], [6, 3, 8])
 
 
-def test_decode_in_chunks_equals_one_call():
+@pytest.mark.parametrize("live_chunk", [128, 5])
+def test_decode_in_chunks_equals_one_call(live_chunk):
   params = _random_params()
-  cfg = sampler.SamplingConfig(temperature=1.0, stop_tokens=(4, 17))
+  cfg = sampler.SamplingConfig(
+    temperature=1.0, stop_tokens=(4, 17), live_chunk=live_chunk
+  )
   rng = jax.random.key(42)
   one = _generate(params, PROMPTS, rng, sampling=cfg)
   toks, seg = sampler.left_pad(PROMPTS, P, PAD)

@@ -2,14 +2,18 @@
 machine's roofline and (where installed) Tunix's vanilla sampler.
 
 `python -m k15.bench sampler [--batch 32 --prompt 256 --new 512]
-  [--layers 8 --d_model 768 ...] [--nocache_steps 2] [--no_tunix]`
+  [--layers 8 --d_model 768 ...] [--nocache_steps 2] [--live_chunk 128]
+  [--only k15,cdf,whole,tunix,nocache]`
 
 Dimension key: B batch, P prompt tokens, N new tokens, S = P + N cache.
 
 One model (random weights, ~75M parameters by default: 8 layers, d 768,
 GQA 12/4 heads, SwiGLU 2048, vocab 32k, tied embeddings), one run:
 - k15: `sampler.prefill` + `sampler.decode` (no stop tokens, so every row
-  decodes all N tokens); decode tokens/s = B * N / decode seconds.
+  decodes all N tokens); decode tokens/s = B * N / decode seconds. Three
+  rows: the defaults (gumbel draws, attention over the live cache in
+  chunks of `--live_chunk` slots), cdf draws, and gumbel over the whole
+  cache every step (live_chunk=0, what the sampler did before).
 - no-cache: a jitted, fixed-shape forward over the whole [B, S] buffer for
   every new token (left-aligned prompt, segment 0 on the unfilled tail), the
   baseline a KV cache is meant to beat. It costs the same every step, so we
@@ -126,11 +130,15 @@ def _prompts(args, cfg):
   return toks.astype(np.int32)
 
 
-def bench_k15(params, cfg, args, method: str) -> dict[str, float]:
+def bench_k15(
+  params, cfg, args, method: str, live_chunk: int
+) -> dict[str, float]:
   """Prefill + N-1 decode steps of the k15 sampler (no stop tokens)."""
   toks = jnp.asarray(_prompts(args, cfg))
   seg = jnp.ones_like(toks)
-  sc = sampler.SamplingConfig(temperature=1.0, method=method)
+  sc = sampler.SamplingConfig(
+    temperature=1.0, method=method, live_chunk=live_chunk
+  )
   kw = dict(
     model=cfg, cfg=sc, budget=args.new, cache_len=args.prompt + args.new
   )
@@ -228,7 +236,15 @@ def main(argv: list[str]) -> None:
   p.add_argument("--vocab", type=int, default=32_000)
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
   p.add_argument("--nocache_steps", type=int, default=2)
-  p.add_argument("--only", default="k15,cdf,tunix,nocache", help="rows to run")
+  p.add_argument(
+    "--live_chunk",
+    type=int,
+    default=sampler.SamplingConfig().live_chunk,
+    help="sampler.live_chunk of the k15 rows (the 'whole' row uses 0)",
+  )
+  p.add_argument(
+    "--only", default="k15,cdf,whole,tunix,nocache", help="rows to run"
+  )
   args = p.parse_args(argv)
   only = set(filter(None, args.only.split(",")))
   cfg = _model(args)
@@ -270,12 +286,14 @@ def main(argv: list[str]) -> None:
       flush=True,
     )
   res: dict[str, dict | str] = {}
-  if "k15" in only:
-    res["k15"] = bench_k15(params, cfg, args, "gumbel")
-    print(f"k15: {res['k15']}", flush=True)
-  if "cdf" in only:
-    res["cdf"] = bench_k15(params, cfg, args, "cdf")
-    print(f"k15 cdf: {res['cdf']}", flush=True)
+  for key, method, chunk in (
+    ("k15", "gumbel", args.live_chunk),
+    ("cdf", "cdf", args.live_chunk),
+    ("whole", "gumbel", 0),
+  ):
+    if key in only:
+      res[key] = bench_k15(params, cfg, args, method, chunk)
+      print(f"{key}: {res[key]}", flush=True)
   if "tunix" in only:
     del params
     res["tunix"] = bench_tunix(cfg, args, _timer)
@@ -285,8 +303,9 @@ def main(argv: list[str]) -> None:
     res["nocache"] = bench_nocache(params, cfg, args)
     print(f"no-cache: {res['nocache']}", flush=True)
   names = dict(
-    k15="k15 sampler (sampler.method=gumbel, the default)",
-    cdf="k15 sampler (sampler.method=cdf)",
+    k15=f"k15 sampler (gumbel, live_chunk={args.live_chunk}: the default)",
+    cdf=f"k15 sampler (method=cdf, live_chunk={args.live_chunk})",
+    whole="k15 sampler (gumbel, live_chunk=0: whole cache every step)",
     tunix="Tunix vanilla sampler (Llama-3 model, same shape)",
     nocache="no-cache baseline (full forward per token)",
   )
@@ -321,7 +340,7 @@ def main(argv: list[str]) -> None:
       "",
     )
   ]
-  for key in ("k15", "cdf", "tunix", "nocache"):
+  for key in ("k15", "cdf", "whole", "tunix", "nocache"):
     if key not in res:
       continue
     if isinstance(res[key], str):
