@@ -41,6 +41,10 @@ class SamplerConfig:
     > 0 -> per finished group s_i <- (1 - ema) s_i + ema * group mean, the
     first group setting s_i to its mean.
   floor: minimum priority weight, so solved problems are revisited.
+  balance: draw every difficulty label among the eligible problems equally
+    often (each problem weighted by 1 / the eligible count of its label),
+    the report's "balanced difficulty" of its prompt set (§2.1) for a set
+    whose labels are not; composes with the priority weights.
   """
 
   strategy: str = "uniform"
@@ -50,6 +54,7 @@ class SamplerConfig:
   prior: float = 0.5
   ema: float = 0.0
   floor: float = 0.05
+  balance: bool = False
 
   def __post_init__(self):
     def bad(field, why):
@@ -185,6 +190,10 @@ class PromptSampler:
   def probabilities(self, iteration: int) -> np.ndarray:
     """p_N, the per-draw target distribution at iteration (sums to 1)."""
     w_N = self.eligible(iteration).astype(np.float64)
+    if self.cfg.balance:
+      _, label_N = np.unique(self.difficulty_N, return_inverse=True)
+      per_label = np.bincount(label_N, weights=w_N)
+      w_N = w_N / np.maximum(per_label[label_N], 1.0)
     if self.cfg.uses_priority:
       prio_N = np.maximum(1.0 - self.success_rates(), self.cfg.floor)
       if (w_N * prio_N).sum() > 0:  # floor = 0 and all solved: stay uniform

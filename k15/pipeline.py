@@ -105,6 +105,12 @@ class RolloutConfig:
   # > 0: continued trajectories get sampler calls of this many rows of their
   # own (less left padding to re-prefill); 0: they share gen_rows calls
   continue_rows: int = 0
+  # > 1: dynamic sampling (not in the report; DAPO's): draw oversample x the
+  # prompts, score every group, and train on prompts_per_iter groups, those
+  # whose rewards differ first (a group whose k rewards are equal has zero
+  # advantage under the mean baseline and moves nothing but the tau term).
+  # Generation costs oversample x; the update, which dominates, does not.
+  oversample: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +259,7 @@ def _round_up(x: int, m: int) -> int:
 # Fields that size loops, batches or divisors: 0 would divide by zero or
 # silently do nothing.
 _POSITIVE = ("rollout.k", "rollout.prompts_per_iter", "rollout.prompt_len",
+             "rollout.oversample",
              "rollout.budget", "rollout.max_len", "rollout.gen_rows",
              "rl.num_minibatches", "rl.epochs", "rl.max_consecutive_skips",
              "sft.batch_size", "eval.num_samples")

@@ -19,6 +19,11 @@ iteration, and a backlog of finished groups throttles new ones rather than
 growing. With partial rollouts off every group finishes in the iteration it
 starts, which is the plain loop.
 
+Dynamic sampling (`rollout.oversample` = m > 1, not in the report): m times
+as many groups are drawn and scored, and the update takes `prompts_per_iter`
+of them, those whose k rewards differ first; the rest are dropped once their
+success rates have reached the prompt sampler.
+
 `r` is the `pipeline.Run` holding the settings, tokenizer, mesh and writer.
 """
 
@@ -154,7 +159,9 @@ def rl_iteration(
   if buffer is None:
     buffer = rollout.RolloutBuffer(K, partial=ro.partial)
   gen = s.gen
-  n_new = max(P - buffer.num_finished(), 0)
+  # dynamic sampling (rollout.oversample > 1): more groups than the update
+  # takes; _train_on keeps P, those with a reward spread first
+  n_new = max(ro.oversample * P - buffer.num_finished(), 0)
   idx, prompts = _new_prompts(r, it, n_new, prompt_sampler)
   buffer.start(idx, prompts, it, [gen.max_response(len(q)) for q in prompts])
   todo, reqs = buffer.requests()
@@ -183,8 +190,12 @@ def rl_iteration(
     gen_tokens=gen_tokens,
   )
 
-  groups = buffer.pop_finished(P)
-  roll.update(groups_trained=float(len(groups)), **buffer.metrics(it))
+  groups = buffer.pop_finished(ro.oversample * P)
+  roll.update(
+    groups_scored=float(len(groups)),
+    groups_trained=float(min(len(groups), P)),  # see select_groups
+    **buffer.metrics(it),
+  )
   roll = {f"rollout/{k}": v for k, v in roll.items()}
   base = dict(
     gen_tokens_per_s=gen_tokens / max(t_gen, 1e-9), gen_time=t_gen, **roll
@@ -239,6 +250,15 @@ def group_rewards(
   return shaped_GxK - np.float32(repeat_penalty) * repeat_GxK
 
 
+def select_groups(spread_G: np.ndarray, max_groups: int) -> np.ndarray:
+  """Indices of at most `max_groups` groups to train on, in their order:
+  every group with a reward spread (`spread_G`) before any without, and
+  among each kind the earlier (older) first."""
+  spread_G = np.asarray(spread_G, bool)
+  order = np.argsort(~spread_G, kind="stable")[:max_groups]
+  return np.sort(order)
+
+
 def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
   """Scores finished groups and takes the k1.5 update on them."""
   s = r.s
@@ -273,15 +293,22 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
     baseline=s.rl.baseline,
     tau=s.rl.tau,
   )
+  # Reward and accuracy metrics cover every scored group; the update takes
+  # at most P of them, those whose rewards differ first (dynamic sampling).
+  spread_G = np.ptp(shaped_GxK, axis=1) > 0
+  keep = select_groups(spread_G, P)
+  groups = [groups[g] for g in keep]
+  train_adv_GxK = adv_GxK[keep]
+  G = len(groups)
   # Rows are laid out for P groups whatever G is (padding rows weigh 0),
   # and responses take a few column counts: no retrace per iteration.
   rows = P * K
   N = _response_len(
-    int(lengths_GxK.max()), ro.budget, ro.max_len - ro.prompt_len
+    int(lengths_GxK[keep].max()), ro.budget, ro.max_len - ro.prompt_len
   )
   batch, old_BxT = rollout.training_batch(
     groups,
-    adv_GxK,
+    train_adv_GxK,
     iteration=it,
     prompt_len=ro.prompt_len,
     response_len=N,
@@ -362,6 +389,7 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
     ),
     frac_repeat=float(np.mean(status == sampler_lib.REPEAT)),
     frac_zero_adv_groups=float(np.mean(np.all(adv_GxK == 0, axis=1))),
+    frac_zero_adv_trained=float(np.mean(np.all(train_adv_GxK == 0, axis=1))),
     update_time=t_end - t_upd,
     **{
       "rollout/repeat_penalized": float(

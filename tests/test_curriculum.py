@@ -194,3 +194,23 @@ def test_bad_state_and_config_are_named():
     PromptSampler(np.zeros(4, int), SamplerConfig(strategy="curriculum"), 0)
   with pytest.raises(ValueError, match="reward"):
     s.update(np.array([0, 1]), [[1]])
+
+
+def test_balance_draws_every_difficulty_equally_often():
+  # 1 problem of difficulty 0, 3 of 1, 6 of 2: each label gets 1/3
+  difficulty = np.array([0, 1, 1, 1, 2, 2, 2, 2, 2, 2])
+  s = PromptSampler(difficulty, SamplerConfig(balance=True), seed=0)
+  want = np.array([1 / 3] + [1 / 9] * 3 + [1 / 18] * 6)
+  np.testing.assert_allclose(s.probabilities(0), want)
+  counts = _counts(s, range(6000), 2)
+  assert _chi2(counts, 6000 * 2 * want) < _chi2_bound(9)
+  # within a curriculum's eligible set: labels 1 and 2 get half each
+  s = PromptSampler(
+    difficulty,
+    SamplerConfig(strategy="curriculum", transition_iter=0, hard_min=1,
+                  balance=True),
+    seed=0,
+  )
+  np.testing.assert_allclose(
+    s.probabilities(0), [0] + [1 / 6] * 3 + [1 / 12] * 6
+  )

@@ -552,7 +552,7 @@ class _Tok:
     return "".join(chr(97 + int(i) % 26) for i in ids)
 
 
-def _toy_run(loss_segments: str):
+def _toy_run(loss_segments: str, **rollout_kw):
   import dataclasses
   import types
 
@@ -574,14 +574,17 @@ def _toy_run(loss_segments: str):
       emb_init_scale=0.5,
     ),
     rollout=dict(
-      k=2,
-      prompts_per_iter=4,
-      prompt_len=8,
-      budget=4,
-      max_len=20,
-      gen_rows=8,
-      partial=True,
-      loss_segments=loss_segments,
+      dict(
+        k=2,
+        prompts_per_iter=4,
+        prompt_len=8,
+        budget=4,
+        max_len=20,
+        gen_rows=8,
+        partial=True,
+        loss_segments=loss_segments,
+      ),
+      **rollout_kw,
     ),
     rl=dict(iterations=6, num_minibatches=2),
     mesh=dict(data=1, fsdp=1, tensor=1, context=1),
@@ -660,3 +663,40 @@ def test_rl_iterations_with_partial_rollouts():
   off = [m["rollout/off_policy_token_frac"] for m in ms if "loss" in m]
   assert max(old) > 0, "some trained trajectories span iterations"
   assert off == old
+
+
+def test_select_groups_puts_groups_with_a_spread_first():
+  spread = np.array([False, True, False, True, True, False])
+  np.testing.assert_array_equal(rl.select_groups(spread, 2), [1, 3])
+  np.testing.assert_array_equal(rl.select_groups(spread, 4), [0, 1, 3, 4])
+  np.testing.assert_array_equal(rl.select_groups(spread, 9), range(6))
+  np.testing.assert_array_equal(rl.select_groups(~spread, 3), [0, 2, 5])
+
+
+def test_dynamic_sampling_scores_more_groups_than_it_trains(monkeypatch):
+  """rollout.oversample=3: 12 new groups per iteration are scored (their
+  success rates all reach the prompt sampler), 4 are trained, those with a
+  reward spread first."""
+  from k15 import curriculum
+
+  r, state = _toy_run("all", partial=False, oversample=3)
+
+  def score(rm, tok, gens, problems, verify):
+    # k=2 rows per group, in order: groups 0, 4, 8 get rewards (1, 0)
+    i = np.arange(len(gens))
+    return ((i % 2 == 0) & (i // 2 % 4 == 0)).astype(np.float32), {}
+
+  monkeypatch.setattr(rl.reward_model_lib, "score", score)
+  difficulty = np.array([p.difficulty for p in r.problems["rl"]])
+  ps = curriculum.PromptSampler(difficulty, r.s.data, 0)
+  buf = rollout.RolloutBuffer(2, partial=False)
+  state, ms = _iterate(r, state, buf, ps, range(4))
+  for m in ms:
+    assert m["rollout/new_prompts"] == 12
+    assert m["rollout/groups_trained"] == 4
+    zero_all = m["frac_zero_adv_groups"]
+    zero_trained = m["frac_zero_adv_trained"]
+    # 3 of the 12 scored groups have a spread, and all 3 are trained
+    assert zero_all == pytest.approx(9 / 12)
+    assert zero_trained == pytest.approx(1 / 4)
+  assert ps.state_dict()["count_N"].sum() == 4 * 12 * 2
