@@ -59,9 +59,11 @@ class SamplingConfig:
   """Static sampling settings (hashable: a jit static argument).
 
   method: how a token is drawn from the (filtered, tempered) distribution.
-    "gumbel" is `jax.random.categorical` (V random numbers per row and
-    step); "cdf" inverts the CDF with one uniform per row (the same
-    distribution, other draws; much cheaper for large vocabularies on CPU).
+    "cdf" (the default) inverts the CDF with one uniform per row; "gumbel"
+    is `jax.random.categorical` (V random numbers per row and step). The
+    same distribution, other draws; cdf is much cheaper for large
+    vocabularies (a 75M model with a 32k vocabulary on 2 CPU cores decodes
+    13% faster, `python -m k15.bench sampler`).
   repeat_*: a row stops with status REPEAT when its last `repeat_ngram`
     tokens occur `repeat_count` times, without overlapping, within its last
     `repeat_window` generated tokens. repeat_ngram = 0 turns it off.
@@ -74,7 +76,7 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1 = off
   stop_tokens: tuple[int, ...] = ()
-  method: str = "gumbel"
+  method: str = "cdf"
   repeat_ngram: int = 0
   repeat_window: int = 64
   repeat_count: int = 4
@@ -620,29 +622,36 @@ def decode(
   Attention reads only the live part of the cache, to within
   `cfg.live_chunk` slots: the steps that write slots [S - chunk, S) run in
   their own while_loop over a copy of the cache cut to its first S slots,
-  which is pasted back after (one compiled loop per S; a loop whose slots
-  are behind `index` or past the end runs no step). The copies cost about
-  two cache reads per chunk against one per step saved.
+  which is pasted back after (one compiled loop per S, skipped with its
+  copies when it would run no step). The copies cost about two cache reads
+  per chunk against one per step saved.
   """
   cache_len = state.cache["pos"].shape[1]
   start = state.step
   w = _weights(params, model)
 
-  def run(state, S):
-    def cond(s):
-      go = (s.step - start < max_steps) & jnp.any(s.status == RUNNING)
-      return go & (s.index < S)
+  def go(s, S):
+    more = (s.step - start < max_steps) & jnp.any(s.status == RUNNING)
+    return more & (s.index < S)
 
+  def run(state, S):
     def body(s):
       return _decode_step(
         w, s, model=model, cfg=cfg, pad_id=pad_id, cache_len=cache_len
       )
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(lambda s: go(s, S), body, state)
+
+  def run_cut(state, S):
+    cut = run(state.replace(cache=_cut_cache(state.cache, S)), S)
+    return cut.replace(cache=_paste_cache(state.cache, cut.cache))
 
   for S in live_bounds(cache_len, cfg.live_chunk)[:-1]:
-    cut = run(state.replace(cache=_cut_cache(state.cache, S)), S)
-    state = cut.replace(cache=_paste_cache(state.cache, cut.cache))
+    # no copies for a chunk that runs no step (behind `index`, or after
+    # the budget or every row has stopped)
+    state = jax.lax.cond(
+      go(state, S), functools.partial(run_cut, S=S), lambda s: s, state
+    )
   return run(state, cache_len)
 
 

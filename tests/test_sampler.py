@@ -57,7 +57,9 @@ def _reference(
   then generated tokens, then segment-0 padding), so one compiled forward
   serves every step. Token t (0-based) is drawn with fold_in(rng, t), as
   the sampler's prefill (t = 0) and decode step t do. Temperature-only
-  sampling is re-implemented here; top-k / top-p are tested separately.
+  sampling is re-implemented here (drawing with jax.random.categorical or
+  sampler.sample_cdf, as sampling.method says; sample_cdf's distribution is
+  pinned in tests/test_rollout.py); top-k / top-p are tested separately.
   """
   assert sampling.top_k == 0 and sampling.top_p == 1.0
   toks_BxP, seg_BxP = sampler.left_pad(prompts, P, PAD)
@@ -80,7 +82,11 @@ def _reference(
       s_BxV = np.zeros_like(lp_BxV)
     else:
       x = jnp.asarray(logits_BxV / sampling.temperature)
-      tok = np.asarray(jax.random.categorical(jax.random.fold_in(rng, t), x))
+      key = jax.random.fold_in(rng, t)
+      if sampling.method == "gumbel":
+        tok = np.asarray(jax.random.categorical(key, x))
+      else:
+        tok = np.asarray(sampler.sample_cdf(key, x))
       s_BxV = np.asarray(jax.nn.log_softmax(x))
     for b in np.flatnonzero(running):
       out[b, t], logp[b, t], slp[b, t] = (
@@ -154,11 +160,12 @@ def _assert_padded_after_length(res):
     assert (res["sample_logp"][b, n:] == 0).all()
 
 
+@pytest.mark.parametrize("method", ["cdf", "gumbel"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampler_matches_python_loop_reference(temperature):
+def test_sampler_matches_python_loop_reference(temperature, method):
   params = _random_params()
   sampling = sampler.SamplingConfig(
-    temperature=temperature, stop_tokens=(4, 17)
+    temperature=temperature, stop_tokens=(4, 17), method=method
   )
   rng = jax.random.key(42)
   got = _generate(params, PROMPTS, rng, sampling=sampling)

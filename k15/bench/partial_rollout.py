@@ -62,7 +62,9 @@ def run(params, cfg, args, *, partial: bool) -> dict:
     ),
     continue_rows=args.continue_rows if partial else 0,
   )
-  samp = sampler.SamplingConfig(temperature=1.0, method=args.method)
+  samp = sampler.SamplingConfig(
+    temperature=1.0, method=args.method, live_chunk=args.live_chunk
+  )
   kw = dict(model=cfg, sampling=samp, gen=gen, pad_id=0)
   # compile every bucket once, outside the timed loop
   for b in gen.buckets:
@@ -150,7 +152,15 @@ def main(argv: list[str]) -> None:
   p.add_argument("--head_dim", type=int, default=64)
   p.add_argument("--mlp", type=int, default=1536)
   p.add_argument("--vocab", type=int, default=4096)
-  p.add_argument("--method", default="gumbel", help="sampler.method")
+  p.add_argument(
+    "--method", default=sampler.SamplingConfig().method, help="sampler.method"
+  )
+  p.add_argument(
+    "--live_chunk",
+    type=int,
+    default=sampler.SamplingConfig().live_chunk,
+    help="sampler.live_chunk",
+  )
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   cfg = model_lib.ModelConfig(
