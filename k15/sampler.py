@@ -7,11 +7,13 @@ fixed [B, N] buffer (N = the per-call budget), so nothing recompiles across
 calls with the same (B, P, N, S).
 
 `prefill` runs one forward of `model.Decoder` over the prompts and samples
-the first new token; `decode` is one `lax.while_loop` that feeds one token
-per step and exits as soon as every row has stopped (stop token, budget,
-the row's own length limit, cache end or repetition). For every generated
-token we keep its log-prob under the model at temperature 1 (what the loss
-uses) and under the actual sampling distribution.
+the first new token; `decode` is a `lax.while_loop` (one per chunk of
+`live_chunk` cache slots, so attention reads only the filled part of the
+cache) that feeds one token per step and exits as soon as every row has
+stopped (stop token, budget, the row's own length limit, cache end or
+repetition). For every generated token we keep its log-prob under the model
+at temperature 1 (what the loss uses) and under the actual sampling
+distribution.
 
 Decode speed. A decode step is one token per row, so it is bound by reading
 the weights and the cache, and XLA:CPU materialises every slice of a stacked
@@ -63,7 +65,7 @@ class SamplingConfig:
     is `jax.random.categorical` (V random numbers per row and step). The
     same distribution, other draws; cdf is much cheaper for large
     vocabularies (a 75M model with a 32k vocabulary on 2 CPU cores decodes
-    13% faster, `python -m k15.bench sampler`).
+    13-19% faster, `python -m k15.bench sampler`).
   repeat_*: a row stops with status REPEAT when its last `repeat_ngram`
     tokens occur `repeat_count` times, without overlapping, within its last
     `repeat_window` generated tokens. repeat_ngram = 0 turns it off.
@@ -624,7 +626,8 @@ def decode(
   their own while_loop over a copy of the cache cut to its first S slots,
   which is pasted back after (one compiled loop per S, skipped with its
   copies when it would run no step). The copies cost about two cache reads
-  per chunk against one per step saved.
+  per chunk against one per step saved; peak memory is the cache plus the
+  cut copy (live_chunk=0: the cache alone).
   """
   cache_len = state.cache["pos"].shape[1]
   start = state.step
