@@ -160,14 +160,9 @@ def _assert_padded_after_length(res):
     assert (res["sample_logp"][b, n:] == 0).all()
 
 
-@pytest.mark.parametrize("method", ["cdf", "gumbel"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampler_matches_python_loop_reference(temperature, method):
+def _matches_reference(sampling, rng):
+  """The sampler's result on PROMPTS, asserted equal to `_reference`'s."""
   params = _random_params()
-  sampling = sampler.SamplingConfig(
-    temperature=temperature, stop_tokens=(4, 17), method=method
-  )
-  rng = jax.random.key(42)
   got = _generate(params, PROMPTS, rng, sampling=sampling)
   want = _reference(
     params,
@@ -179,6 +174,18 @@ def test_sampler_matches_python_loop_reference(temperature, method):
     cache_len=P + BUDGET_N,
   )
   _assert_same(got, want)
+  return got
+
+
+@pytest.mark.parametrize("method", ["cdf", "gumbel"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_matches_python_loop_reference(temperature, method):
+  params = _random_params()
+  sampling = sampler.SamplingConfig(
+    temperature=temperature, stop_tokens=(4, 17), method=method
+  )
+  rng = jax.random.key(42)
+  got = _matches_reference(sampling, rng)
   _assert_padded_after_length(got)
   # the test has power: rows stop at different times, others hit the budget
   assert set(got["status"]) == {STOPPED, BUDGET}, got["status"]
@@ -207,23 +214,11 @@ def test_attending_over_live_chunks_matches_the_reference(live_chunk):
   the slots written so far (rounded up to the chunk): the same tokens and
   log-probs as the no-cache reference. Chunk 4 of an 18-slot cache with a
   6-slot prompt skips one loop and splits the prompt's chunk."""
-  params = _random_params()
   sampling = sampler.SamplingConfig(
     temperature=1.0, stop_tokens=(4, 17), live_chunk=live_chunk
   )
   assert len(sampler.live_bounds(P + BUDGET_N, live_chunk)) >= 3
-  rng = jax.random.key(42)
-  got = _generate(params, PROMPTS, rng, sampling=sampling)
-  want = _reference(
-    params,
-    PROMPTS,
-    rng,
-    cfg=CFG,
-    sampling=sampling,
-    budget=BUDGET_N,
-    cache_len=P + BUDGET_N,
-  )
-  _assert_same(got, want)
+  got = _matches_reference(sampling, jax.random.key(42))
   assert set(got["status"]) == {STOPPED, BUDGET}, got["status"]
 
 
