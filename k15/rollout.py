@@ -5,10 +5,12 @@
 take). Rows are sorted (stably) by their context bucket and cut into fixed
 [rows, bucket] chunks, each at the smallest bucket that holds its longest
 row, the last chunk padded with empty rows (which start stopped); with
-`continue_rows`, continued rows get chunks of that many rows of their own
-(less left padding to re-prefill). So the compiled prefill/decode are
-reused across calls and iterations: one pair per bucket. The KV cache lives
-only inside one call.
+`continue_rows`, continued rows are re-prefilled in blocks of that many rows
+of their own (less left padding to re-prefill) and several blocks are
+decoded as one call (fewer decode steps). So the compiled prefill/decode are
+reused across calls and iterations: one pair per bucket (and, with
+`continue_rows`, one merge and decode per pair of buckets merged). The KV
+cache lives only inside one call.
 
 `generate` samples one complete response per prompt (evaluation): rows cut
 by the budget are continued when `GenConfig.continue_buckets` has room.
@@ -55,8 +57,11 @@ class GenConfig:
     response tokens in all.
   continue_buckets: left-padded lengths for prompt + partial response;
     () means a row cut by the budget is final.
-  continue_rows: > 0: continued rows get calls of this many rows of their
-    own (less left padding to re-prefill); 0: they share calls of `rows`.
+  continue_rows: > 0: continued rows are re-prefilled in blocks of this
+    many rows of their own, each at the smallest bucket that holds it (less
+    left padding to re-prefill), and rows // continue_rows blocks are
+    decoded together (`sampler.merge_rows`); 0: they share calls of `rows`
+    with fresh rows, prefilled at the call's longest bucket.
   A call at bucket b has a cache of b + budget slots.
   """
 
@@ -136,48 +141,81 @@ def generate_segments(
   ctx = [list(q.prompt) + [int(t) for t in q.prefix] for q in requests]
   row_bucket = [sampler.bucket_for(len(c), buckets) for c in ctx]
   order = sorted(range(len(requests)), key=lambda i: row_bucket[i])
-  groups = [(order, gen.rows)]
+  # calls: lists of blocks of rows, each block prefilled at its own bucket
   if gen.continue_rows:
     fresh = set(gen.prompt_buckets)
-    groups = [
-      ([i for i in order if row_bucket[i] in fresh], gen.rows),
-      ([i for i in order if row_bucket[i] not in fresh], gen.continue_rows),
+    new = [i for i in order if row_bucket[i] in fresh]
+    old = [i for i in order if row_bucket[i] not in fresh]
+    blocks = [
+      old[a : a + gen.continue_rows]
+      for a in range(0, len(old), gen.continue_rows)
     ]
-  chunks = [
-    (rows[start : start + size], size)
-    for rows, size in groups
-    for start in range(0, len(rows), size)
-  ]
+    per_call = max(gen.rows // gen.continue_rows, 1)
+    calls = [
+      [(new[a : a + gen.rows], gen.rows)] for a in range(0, len(new), gen.rows)
+    ]
+    calls += [
+      [(b, gen.continue_rows) for b in blocks[a : a + per_call]]
+      for a in range(0, len(blocks), per_call)
+    ]
+  else:
+    calls = [
+      [(order[a : a + gen.rows], gen.rows)]
+      for a in range(0, len(order), gen.rows)
+    ]
   out: list[Generation | None] = [None] * len(requests)
-  for c, (chunk, size) in enumerate(chunks):
-    bucket = max(row_bucket[i] for i in chunk)
-    pad = size - len(chunk)
-    toks, seg = sampler.left_pad(
-      [ctx[i] for i in chunk] + [[]] * pad, bucket, pad_id
-    )
-    max_new = np.array(
-      [min(requests[i].max_new, _NO_CAP) for i in chunk] + [1] * pad, np.int32
-    )
-    if shard_fn is not None:
-      toks, seg, max_new = shard_fn((toks, seg, max_new))
-    state = sampler.generate(
-      params,
-      toks,
-      seg,
-      jax.random.fold_in(rng, c),
-      model=model,
-      cfg=sampling,
-      budget=gen.budget,
-      cache_len=bucket + gen.budget,
-      pad_id=pad_id,
-      max_new_B=max_new,
-    )
+  for c, call in enumerate(calls):
+    rng_c = jax.random.fold_in(rng, c)
+    states = []
+    for j, (block, size) in enumerate(call):
+      bucket = max(row_bucket[i] for i in block)
+      pad = size - len(block)
+      toks, seg = sampler.left_pad(
+        [ctx[i] for i in block] + [[]] * pad, bucket, pad_id
+      )
+      max_new = np.array(
+        [min(requests[i].max_new, _NO_CAP) for i in block] + [1] * pad,
+        np.int32,
+      )
+      if shard_fn is not None:
+        toks, seg, max_new = shard_fn((toks, seg, max_new))
+      kw = dict(
+        model=model,
+        cfg=sampling,
+        budget=gen.budget,
+        cache_len=bucket + gen.budget,
+        pad_id=pad_id,
+        max_new_B=max_new,
+      )
+      if len(call) == 1:
+        state = sampler.generate(params, toks, seg, rng_c, **kw)
+      else:
+        rng_j = jax.random.fold_in(rng_c, j) if j else rng_c
+        states.append(sampler.prefill(params, toks, seg, rng_j, **kw))
+    if states:
+      # several blocks, each re-prefilled at its own bucket, decoded as one
+      state = sampler.merge_rows(states)
+      del states
+      state = sampler.decode(
+        params,
+        state,
+        model=model,
+        cfg=sampling,
+        max_steps=gen.budget,
+        pad_id=pad_id,
+      )
     # every process gets every row (multi-host: an all-gather)
     tokens, logp, slp, length, status = sharding.gather(
       (state.tokens, state.logp, state.sample_logp, state.length, state.status)
     )
     del state  # the KV cache is freed before the next call
-    for j, i in enumerate(chunk):
+    rows = [i for block, _ in call for i in block]
+    # a block's padding rows come after its real rows
+    at = np.cumsum([0] + [size for _, size in call])
+    pos = [
+      at[j] + r for j, (block, _) in enumerate(call) for r in range(len(block))
+    ]
+    for i, j in zip(rows, pos, strict=True):
       n = int(length[j])
       out[i] = Generation(
         list(requests[i].prompt),

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -715,6 +716,58 @@ def generate(
   )
   return decode(
     params, state, model=model, cfg=cfg, max_steps=budget, pad_id=pad_id
+  )
+
+
+@jax.jit
+def merge_rows(states: Sequence[SamplingState]) -> SamplingState:
+  """One state over the rows of several fresh `prefill` states (same budget,
+  any buckets), in order, for one `decode`.
+
+  Each cache is left-padded with empty slots (segment 0, never attended) to
+  the longest, so every row writes its next key at the same slot, as if its
+  context had been left-padded to the longest bucket; nothing is
+  recomputed. The rng of the first state drives the decode.
+  """
+  S = max(s.cache["pos"].shape[1] for s in states)
+
+  def left(x, axis, d):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (d, 0)
+    return jnp.pad(x, widths)
+
+  caches = []
+  for s in states:
+    d = S - s.cache["pos"].shape[1]
+    caches.append(
+      dict(
+        k=tuple(left(k, 3, d) for k in s.cache["k"]),
+        v=tuple(left(v, 2, d) for v in s.cache["v"]),
+        pos=left(s.cache["pos"], 1, d),
+        seg=left(s.cache["seg"], 1, d),
+      )
+    )
+  first = states[0]
+
+  def rows(name):
+    return jnp.concatenate([getattr(s, name) for s in states])
+
+  return first.replace(
+    cache=jax.tree.map(lambda *xs: jnp.concatenate(xs), *caches),
+    index=first.index + (S - first.cache["pos"].shape[1]),
+    **{
+      name: rows(name)
+      for name in (
+        "last_token",
+        "next_pos",
+        "tokens",
+        "logp",
+        "sample_logp",
+        "length",
+        "limit",
+        "status",
+      )
+    },
   )
 
 

@@ -376,6 +376,52 @@ def test_continued_rows_can_get_smaller_calls_of_their_own(monkeypatch):
     assert g.response.tolist() == want[: want.index(5) + 1 if 5 in want else 4]
 
 
+def test_continued_blocks_are_prefilled_apart_and_decoded_together(
+  monkeypatch,
+):
+  prefills, merges = [], []
+  real_prefill, real_merge = sampler.prefill, sampler.merge_rows
+
+  def spy_prefill(params, toks, seg, rng, **kw):
+    prefills.append((toks.shape, kw["cache_len"]))
+    return real_prefill(params, toks, seg, rng, **kw)
+
+  def spy_merge(states):
+    merges.append([s.tokens.shape[0] for s in states])
+    return real_merge(states)
+
+  monkeypatch.setattr(sampler, "prefill", spy_prefill)
+  monkeypatch.setattr(sampler, "merge_rows", spy_merge)
+  R = rollout.Request
+  reqs = [R([9], range(10, 14), 8), R([8], [9, 10], 9), R([2], [3, 4], 9),
+          R([1], range(2, 9), 4), R([7], range(8, 14), 3)]  # fmt: skip
+  gen = rollout.GenConfig(
+    rows=4,
+    prompt_buckets=(2,),
+    budget=4,
+    cache_len=14,
+    continue_buckets=(6, 10),
+    continue_rows=2,
+  )
+  out = rollout.generate_segments(
+    _transition_params(),
+    reqs,
+    jax.random.key(0),
+    model=TCFG,
+    sampling=GREEDY,
+    gen=gen,
+    pad_id=PAD,
+  )
+  # rows sorted by bucket (contexts 5, 3, 3 -> 6; 8, 7 -> 10) in blocks of
+  # 2, each re-prefilled at the bucket of its longest row; two blocks per
+  # decode of 4 rows, the last block alone
+  assert prefills == [((2, 6), 10), ((2, 10), 14), ((2, 10), 14)]
+  assert merges == [[2, 2]]
+  for q, g in zip(reqs, out, strict=True):
+    want = _chain((list(q.prompt) + list(q.prefix))[-1], min(4, q.max_new))
+    assert g.response.tolist() == want[: want.index(5) + 1 if 5 in want else 4]
+
+
 def test_no_kv_cache_outlives_a_sampler_call():
   import gc
 

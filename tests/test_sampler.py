@@ -591,3 +591,33 @@ def test_prefill_rejects_a_cache_shorter_than_the_prompt():
       budget=2,
       cache_len=4,
     )
+
+
+def test_merged_blocks_decode_as_one_call_at_the_longest_bucket():
+  """Blocks prefilled at their own buckets and merged (`merge_rows`) decode
+  exactly as their rows left-padded into one call at the longest bucket."""
+  params = _random_params()
+  sc = sampler.SamplingConfig(temperature=0.0, stop_tokens=(4,), live_chunk=4)
+  short, long = [[5, 9, 3], [7]], [[1, 2, 3, 4, 5, 6], [11, 4, 8]]
+  kw = dict(model=CFG, cfg=sc, budget=BUDGET_N, pad_id=PAD)
+  want = _generate(params, short + long, jax.random.key(0), sampling=sc)
+  states = []
+  for prompts, bucket in ((short, 3), (long, P)):
+    toks, seg = sampler.left_pad(prompts, bucket, PAD)
+    states.append(
+      sampler.prefill(
+        params, toks, seg, jax.random.key(0), cache_len=bucket + BUDGET_N, **kw
+      )
+    )
+  merged = sampler.merge_rows(states)
+  assert int(merged.index) == P
+  assert merged.cache["k"][0].shape[-1] == P + BUDGET_N
+  st = sampler.decode(
+    params, merged, model=CFG, cfg=sc, max_steps=BUDGET_N, pad_id=PAD
+  )
+  got = jax.device_get(
+    dict(tokens=st.tokens, logp=st.logp, length=st.length, status=st.status)
+  )
+  for k in ("tokens", "length", "status"):
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  np.testing.assert_allclose(got["logp"], want["logp"], atol=1e-5)

@@ -16,8 +16,8 @@ training):
 - without partial rollouts: `prompts_per_iter` new groups of k, budget =
   max_response, so a call decodes until its longest row is done;
 - with partial rollouts: budget `--budget`; a cut trajectory is carried to
-  the next iteration (re-prefilled, in calls of `--continue_rows` rows of
-  their own); new groups = prompts_per_iter minus the finished groups still
+  the next iteration (re-prefilled in blocks of `--continue_rows` rows of
+  their own, `--rows` of them decoded together); new groups = prompts_per_iter minus the finished groups still
   waiting; at most prompts_per_iter groups leave per iteration.
 
 Both run until `--groups` groups have finished (the same number of finished
@@ -66,11 +66,19 @@ def run(params, cfg, args, *, partial: bool) -> dict:
     temperature=1.0, method=args.method, live_chunk=args.live_chunk
   )
   kw = dict(model=cfg, sampling=samp, gen=gen, pad_id=0)
-  # compile every bucket once, outside the timed loop
+  # compile every bucket (and every merge of two continued blocks) once,
+  # outside the timed loop; one new token per row, so decode exits at once
+  def req(b):
+    return rollout.Request([1] * args.prompt, [1] * (b - args.prompt), 1)
+
   for b in gen.buckets:
-    prefix = [1] * (b - args.prompt)
-    req = rollout.Request([1] * args.prompt, prefix, 1)
-    rollout.generate_segments(params, [req], jax.random.key(0), **kw)
+    rollout.generate_segments(params, [req(b)], jax.random.key(0), **kw)
+  cb, n = gen.continue_buckets, gen.continue_rows
+  if n and gen.rows >= 2 * n:
+    for i, bi in enumerate(cb):
+      for bj in cb[i:]:
+        reqs = [req(bi)] * n + [req(bj)] * n
+        rollout.generate_segments(params, reqs, jax.random.key(0), **kw)
   # the same sequence of groups (prompt, k target lengths) for both runs
   data_rng = np.random.default_rng(args.seed)
   n_max = args.groups + 16 * P
