@@ -194,7 +194,9 @@ def generate_segments(
         states.append(sampler.prefill(params, toks, seg, rng_j, **kw))
     if states:
       # several blocks, each re-prefilled at its own bucket, decoded as one
-      state = sampler.merge_rows(states)
+      state = sampler.merge_rows(
+        states, per_call * gen.continue_rows, pad_id=pad_id
+      )
       del states
       state = sampler.decode(
         params,

@@ -719,54 +719,112 @@ def generate(
   )
 
 
-@jax.jit
-def merge_rows(states: Sequence[SamplingState]) -> SamplingState:
-  """One state over the rows of several fresh `prefill` states (same budget,
-  any buckets), in order, for one `decode`.
+_ROW_FIELDS = (
+  "last_token",
+  "next_pos",
+  "tokens",
+  "logp",
+  "sample_logp",
+  "length",
+  "limit",
+  "status",
+)
 
-  Each cache is left-padded with empty slots (segment 0, never attended) to
-  the longest, so every row writes its next key at the same slot, as if its
-  context had been left-padded to the longest bucket; nothing is
-  recomputed. The rng of the first state drives the decode.
+
+def merge_rows(
+  states: Sequence[SamplingState], rows: int, *, pad_id: int = 0
+) -> SamplingState:
+  """One state of `rows` rows holding the rows of several fresh `prefill`
+  states (same budget, any buckets) in order, for one `decode`; rows past
+  them are empty (stopped from the start).
+
+  Each block's cache is left-padded with empty slots (segment 0, never
+  attended) to the longest, so every row writes its next key at the same
+  slot, as if its context had been left-padded to the longest bucket;
+  nothing is recomputed. The rng of the first state drives the decode.
+  Compiles one placement per (block bucket, call bucket) pair, however
+  many blocks a call has.
   """
-  S = max(s.cache["pos"].shape[1] for s in states)
-
-  def left(x, axis, d):
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (d, 0)
-    return jnp.pad(x, widths)
-
-  caches = []
-  for s in states:
-    d = S - s.cache["pos"].shape[1]
-    caches.append(
-      dict(
-        k=tuple(left(k, 3, d) for k in s.cache["k"]),
-        v=tuple(left(v, 2, d) for v in s.cache["v"]),
-        pos=left(s.cache["pos"], 1, d),
-        seg=left(s.cache["seg"], 1, d),
-      )
+  if sum(s.tokens.shape[0] for s in states) > rows:
+    raise ValueError(
+      f"merge_rows: {sum(s.tokens.shape[0] for s in states)} rows do not "
+      f"fit a call of {rows}"
     )
-  first = states[0]
+  S = max(s.cache["pos"].shape[1] for s in states)
+  out = _empty_call(states[0], rows=rows, cache_len=S, pad_id=pad_id)
+  at = 0
+  for s in states:
+    out = _place_rows(out, s, jnp.asarray(at, jnp.int32))
+    at += s.tokens.shape[0]
+  return out
 
-  def rows(name):
-    return jnp.concatenate([getattr(s, name) for s in states])
 
-  return first.replace(
-    cache=jax.tree.map(lambda *xs: jnp.concatenate(xs), *caches),
-    index=first.index + (S - first.cache["pos"].shape[1]),
+@functools.partial(jax.jit, static_argnames=("rows", "cache_len", "pad_id"))
+def _empty_call(
+  like: SamplingState, *, rows: int, cache_len: int, pad_id: int
+) -> SamplingState:
+  """`rows` stopped rows with an empty cache of `cache_len` slots, shaped
+  like the fresh `prefill` state `like` (its budget, rng and step)."""
+  budget = like.tokens.shape[1]
+
+  def empty(x, axis_len: dict):
+    shape = list(x.shape)
+    for axis, n in axis_len.items():
+      shape[axis] = n
+    return jnp.zeros(shape, x.dtype)
+
+  return like.replace(
+    cache=dict(
+      k=tuple(empty(k, {0: rows, 3: cache_len}) for k in like.cache["k"]),
+      v=tuple(empty(v, {0: rows, 2: cache_len}) for v in like.cache["v"]),
+      pos=jnp.zeros((rows, cache_len), like.cache["pos"].dtype),
+      seg=jnp.zeros((rows, cache_len), like.cache["seg"].dtype),
+    ),
+    index=jnp.asarray(cache_len - budget, jnp.int32),
+    last_token=jnp.full((rows,), pad_id, jnp.int32),
+    next_pos=jnp.zeros((rows,), jnp.int32),
+    tokens=jnp.full((rows, budget), pad_id, jnp.int32),
+    logp=jnp.zeros((rows, budget), jnp.float32),
+    sample_logp=jnp.zeros((rows, budget), jnp.float32),
+    length=jnp.zeros((rows,), jnp.int32),
+    limit=jnp.ones((rows,), jnp.int32),
+    status=jnp.full((rows,), STOPPED, jnp.int32),
+  )
+
+
+@functools.partial(jax.jit, donate_argnames=("call",))
+def _place_rows(
+  call: SamplingState, block: SamplingState, at: jax.Array
+) -> SamplingState:
+  """`call` with rows [at, at + block rows) replaced by `block`'s, its cache
+  left-padded to the call's length (in place: `call` is donated)."""
+  d = call.cache["pos"].shape[1] - block.cache["pos"].shape[1]
+
+  def put(into, x, slot_axis):
+    if slot_axis is not None and d:
+      widths = [(0, 0)] * x.ndim
+      widths[slot_axis] = (d, 0)
+      x = jnp.pad(x, widths)
+    start = (at,) + (0,) * (x.ndim - 1)
+    return jax.lax.dynamic_update_slice(into, x.astype(into.dtype), start)
+
+  cache = dict(
+    k=tuple(
+      put(c, b, 3)
+      for c, b in zip(call.cache["k"], block.cache["k"], strict=True)
+    ),
+    v=tuple(
+      put(c, b, 2)
+      for c, b in zip(call.cache["v"], block.cache["v"], strict=True)
+    ),
+    pos=put(call.cache["pos"], block.cache["pos"], 1),
+    seg=put(call.cache["seg"], block.cache["seg"], 1),
+  )
+  return call.replace(
+    cache=cache,
     **{
-      name: rows(name)
-      for name in (
-        "last_token",
-        "next_pos",
-        "tokens",
-        "logp",
-        "sample_logp",
-        "length",
-        "limit",
-        "status",
-      )
+      name: put(getattr(call, name), getattr(block, name), None)
+      for name in _ROW_FIELDS
     },
   )
 

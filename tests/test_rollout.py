@@ -386,9 +386,9 @@ def test_continued_blocks_are_prefilled_apart_and_decoded_together(
     prefills.append((toks.shape, kw["cache_len"]))
     return real_prefill(params, toks, seg, rng, **kw)
 
-  def spy_merge(states):
-    merges.append([s.tokens.shape[0] for s in states])
-    return real_merge(states)
+  def spy_merge(states, rows, **kw):
+    merges.append(([s.tokens.shape[0] for s in states], rows))
+    return real_merge(states, rows, **kw)
 
   monkeypatch.setattr(sampler, "prefill", spy_prefill)
   monkeypatch.setattr(sampler, "merge_rows", spy_merge)
@@ -416,7 +416,7 @@ def test_continued_blocks_are_prefilled_apart_and_decoded_together(
   # 2, each re-prefilled at the bucket of its longest row; two blocks per
   # decode of 4 rows, the last block alone
   assert prefills == [((2, 6), 10), ((2, 10), 14), ((2, 10), 14)]
-  assert merges == [[2, 2]]
+  assert merges == [([2, 2], 4)]
   for q, g in zip(reqs, out, strict=True):
     want = _chain((list(q.prompt) + list(q.prefix))[-1], min(4, q.max_new))
     assert g.response.tolist() == want[: want.index(5) + 1 if 5 in want else 4]
