@@ -103,9 +103,8 @@ class RolloutConfig:
   loss_segments: str = "all"  # all | current (only this policy's tokens)
   repeat_penalty: float = 0.0  # subtracted from the reward of REPEAT rows
   # > 0: continued trajectories are re-prefilled in blocks of this many rows
-  # of their own (less left padding), gen_rows // continue_rows blocks per
-  # decode (keep it 2: each combination of merged buckets compiles a merge);
-  # 0: they share gen_rows calls with new prompts
+  # of their own, each at its own bucket (less left padding), and decoded
+  # gen_rows at a time; 0: they share gen_rows calls with new prompts
   continue_rows: int = 0
   # > 1: dynamic sampling (not in the report; DAPO's): draw oversample x the
   # prompts, score every group, and train on prompts_per_iter groups, those

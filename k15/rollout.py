@@ -8,9 +8,10 @@ row, the last chunk padded with empty rows (which start stopped); with
 `continue_rows`, continued rows are re-prefilled in blocks of that many rows
 of their own (less left padding to re-prefill) and several blocks are
 decoded as one call (fewer decode steps). So the compiled prefill/decode are
-reused across calls and iterations: one pair per bucket (and, with
-`continue_rows`, one merge and decode per pair of buckets merged). The KV
-cache lives only inside one call.
+reused across calls and iterations: one pair per bucket (with
+`continue_rows`, also one placement of a block into a call per pair of
+buckets, and one decode per bucket at `rows` rows). The KV cache lives
+only inside one call.
 
 `generate` samples one complete response per prompt (evaluation): rows cut
 by the budget are continued when `GenConfig.continue_buckets` has room.

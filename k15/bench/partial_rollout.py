@@ -145,7 +145,7 @@ def main(argv: list[str]) -> None:
   p.add_argument(
     "--continue_rows",
     type=int,
-    default=16,
+    default=8,
     help="rollout.continue_rows with partial rollouts (0: share calls)",
   )
   p.add_argument("--prompt", type=int, default=16)
