@@ -339,18 +339,9 @@ def test_bucketed_calls_are_few_ordered_and_never_retrace(monkeypatch):
   assert calls == [((4, 2), 6), ((4, 10), 14), ((4, 6), 10)]
 
 
-def test_continued_rows_can_get_smaller_calls_of_their_own(monkeypatch):
-  calls = []
-  real = sampler.generate
-
-  def spy(params, toks, seg, rng, **kw):
-    calls.append((toks.shape, kw["cache_len"]))
-    return real(params, toks, seg, rng, **kw)
-
-  monkeypatch.setattr(sampler, "generate", spy)
-  R = rollout.Request
-  reqs = [R([9], range(10, 14), 8), R([1]), R([12, 13]), R([8], [9, 10], 9),
-          R([10, 11]), R([3]), R([2], [3], 9)]  # fmt: skip
+def _continue_and_check(reqs):
+  """generate_segments on calls of 4 rows, continued rows in blocks of 2;
+  every segment must follow the transition chain (greedy)."""
   gen = rollout.GenConfig(
     rows=4,
     prompt_buckets=(2,),
@@ -368,12 +359,27 @@ def test_continued_rows_can_get_smaller_calls_of_their_own(monkeypatch):
     gen=gen,
     pad_id=PAD,
   )
-  # fresh rows in calls of 4; continued rows (the 2-token context [2, 3]
-  # fits the prompt bucket, so it rides with the fresh rows) in calls of 2
-  assert calls == [((4, 2), 6), ((4, 2), 6), ((2, 6), 10)]
   for q, g in zip(reqs, out, strict=True):
     want = _chain((list(q.prompt) + list(q.prefix))[-1], min(4, q.max_new))
     assert g.response.tolist() == want[: want.index(5) + 1 if 5 in want else 4]
+
+
+def test_continued_rows_can_get_smaller_calls_of_their_own(monkeypatch):
+  calls = []
+  real = sampler.generate
+
+  def spy(params, toks, seg, rng, **kw):
+    calls.append((toks.shape, kw["cache_len"]))
+    return real(params, toks, seg, rng, **kw)
+
+  monkeypatch.setattr(sampler, "generate", spy)
+  R = rollout.Request
+  reqs = [R([9], range(10, 14), 8), R([1]), R([12, 13]), R([8], [9, 10], 9),
+          R([10, 11]), R([3]), R([2], [3], 9)]  # fmt: skip
+  _continue_and_check(reqs)
+  # fresh rows in calls of 4; continued rows (the 2-token context [2, 3]
+  # fits the prompt bucket, so it rides with the fresh rows) in calls of 2
+  assert calls == [((4, 2), 6), ((4, 2), 6), ((2, 6), 10)]
 
 
 def test_continued_blocks_are_prefilled_apart_and_decoded_together(
@@ -395,31 +401,12 @@ def test_continued_blocks_are_prefilled_apart_and_decoded_together(
   R = rollout.Request
   reqs = [R([9], range(10, 14), 8), R([8], [9, 10], 9), R([2], [3, 4], 9),
           R([1], range(2, 9), 4), R([7], range(8, 14), 3)]  # fmt: skip
-  gen = rollout.GenConfig(
-    rows=4,
-    prompt_buckets=(2,),
-    budget=4,
-    cache_len=14,
-    continue_buckets=(6, 10),
-    continue_rows=2,
-  )
-  out = rollout.generate_segments(
-    _transition_params(),
-    reqs,
-    jax.random.key(0),
-    model=TCFG,
-    sampling=GREEDY,
-    gen=gen,
-    pad_id=PAD,
-  )
+  _continue_and_check(reqs)
   # rows sorted by bucket (contexts 5, 3, 3 -> 6; 8, 7 -> 10) in blocks of
   # 2, each re-prefilled at the bucket of its longest row; two blocks per
   # decode of 4 rows, the last block alone
   assert prefills == [((2, 6), 10), ((2, 10), 14), ((2, 10), 14)]
   assert merges == [([2, 2], 4)]
-  for q, g in zip(reqs, out, strict=True):
-    want = _chain((list(q.prompt) + list(q.prefix))[-1], min(4, q.max_new))
-    assert g.response.tolist() == want[: want.index(5) + 1 if 5 in want else 4]
 
 
 def test_no_kv_cache_outlives_a_sampler_call():
