@@ -274,7 +274,9 @@ def test_continuing_in_segments_equals_one_long_call():
     np.testing.assert_allclose(g.logp, x, atol=2e-5)
 
 
-def test_bucketed_calls_are_few_ordered_and_never_retrace(monkeypatch):
+def _spy_generate(monkeypatch) -> list:
+  """The (tokens shape, cache_len) of every `sampler.generate` call, as
+  they happen."""
   calls = []
   real = sampler.generate
 
@@ -283,6 +285,11 @@ def test_bucketed_calls_are_few_ordered_and_never_retrace(monkeypatch):
     return real(params, toks, seg, rng, **kw)
 
   monkeypatch.setattr(sampler, "generate", spy)
+  return calls
+
+
+def test_bucketed_calls_are_few_ordered_and_never_retrace(monkeypatch):
+  calls = _spy_generate(monkeypatch)
   gen = rollout.GenConfig(
     rows=4,
     prompt_buckets=(2,),
@@ -365,14 +372,7 @@ def _continue_and_check(reqs):
 
 
 def test_continued_rows_can_get_smaller_calls_of_their_own(monkeypatch):
-  calls = []
-  real = sampler.generate
-
-  def spy(params, toks, seg, rng, **kw):
-    calls.append((toks.shape, kw["cache_len"]))
-    return real(params, toks, seg, rng, **kw)
-
-  monkeypatch.setattr(sampler, "generate", spy)
+  calls = _spy_generate(monkeypatch)
   R = rollout.Request
   reqs = [R([9], range(10, 14), 8), R([1]), R([12, 13]), R([8], [9, 10], 9),
           R([10, 11]), R([3]), R([2], [3], 9)]  # fmt: skip
