@@ -2,7 +2,8 @@
 
 Flags become a locked config (unknown `--config.a.b=...` overrides fail);
 multi-host runs initialise `jax.distributed` first; the rest is
-`k15.pipeline.run`, which notebooks and tests import directly.
+`k15.pipeline.run`, which notebooks and tests import directly; with
+`--seeds 0,1,2` it is `k15.sweep.run`, once per seed, with a results table.
 
 `--dry_run [--dry_run.hbm_gib=95] [--dry_run.devices=64]` checks the config
 against a pod instead of training (`k15.plan`): it compiles the update step
@@ -45,6 +46,10 @@ _DRY_RUN_DEVICES = flags.DEFINE_integer(
     "dry_run.devices", None, "With --dry_run: mesh size (default: the mesh's "
     "product, or 64 when an axis is -1).")
 flags.DEFINE_alias("dry_run_devices", "dry_run.devices")
+_SEEDS = flags.DEFINE_string(
+    "seeds", None, "Run the experiment once per seed (e.g. 0,1,2 or 0-4), "
+    "each in WORKDIR/seed_<n>, and write WORKDIR/results.{md,json}: mean, "
+    "spread and every seed's numbers (k15.sweep).")
 flags.mark_flags_as_required(["config"])
 flags.register_multi_flags_validator(
     ["workdir", "dry_run"], lambda f: f["workdir"] is not None or f["dry_run"],
@@ -74,11 +79,17 @@ def main(argv):
   from k15 import (  # noqa: PLC0415
     checkpoint,
     config_lib,
-    pipeline,  # noqa: PLC0415
+    pipeline,
+    sweep,
   )
 
   try:
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    if _SEEDS.value is not None:
+      command = " ".join(["python -m k15.main", *sys.argv[1:]])
+      sweep.run(_CONFIG.value, _WORKDIR.value,
+                sweep.parse_seeds(_SEEDS.value), command=command)
+    else:
+      pipeline.run(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, checkpoint.CheckpointError,
           FileNotFoundError) as e:
     # bad input: one line naming the field / path; anything else is a bug

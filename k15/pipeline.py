@@ -205,7 +205,8 @@ def settings(config: ml_collections.ConfigDict, *, vocab_size: int | None
 def _settings(config, *, vocab_size, num_devices) -> Settings:
   cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   config_lib.check_keys(
-      cfg, set(_SECTIONS) | {"seed", "stages", "mesh", "name", "init"},
+      cfg, set(_SECTIONS) | {"seed", "stages", "mesh", "name", "init",
+                             "targets"},
       "config")
   out: dict[str, Any] = {}
   init = str(cfg.get("init", "") or "")
