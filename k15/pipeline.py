@@ -71,6 +71,8 @@ class TaskConfig:
   num_eval: int = 256
   sft_max_steps: int = 0  # > 0: warm-up traces only up to this difficulty
   max_operand: int = 9  # arithmetic: operands 1..max_operand
+  # fraction of warm-up traces with a wrong final answer (unverified data)
+  sft_noise: float = 0.0
   seed: int = 0
 
 
@@ -273,6 +275,9 @@ def _check_combinations(s: Settings, vocab_size, num_devices) -> None:
   if s.task.name not in tasks.TASKS:
     raise ValueError(f"config: task.name={s.task.name!r}; known tasks: "
                      f"{tasks.TASKS}")
+  if not 0 <= s.task.sft_noise <= 1:
+    raise ValueError(f"config: task.sft_noise={s.task.sft_noise} must be in "
+                     "[0, 1]")
   try:
     s.loss  # noqa: B018 - LossConfig validates rl.loss / rl.tau / clip...
   except ValueError as e:  # name the config field, not the dataclass's
@@ -359,7 +364,8 @@ class Run:
         seed=s.task.seed, num_sft=s.task.num_sft, num_rl=s.task.num_rl,
         num_eval=s.task.num_eval, min_steps=s.task.min_steps,
         max_steps=s.task.max_steps, ops=s.task.ops,
-        sft_max_steps=s.task.sft_max_steps, max_operand=s.task.max_operand)
+        sft_max_steps=s.task.sft_max_steps, max_operand=s.task.max_operand,
+        sft_noise=s.task.sft_noise)
     self.tx = train.make_optimizer(s.optim)
     # sft and control: optim with sft.lr / sft.eps where given
     sft_optim = dataclasses.replace(

@@ -70,3 +70,22 @@ def test_tokenizer_is_deterministic_and_round_trips():
   assert a.decode(a.encode(text)) == text
   # ids past the tokenizer's vocabulary (padded model vocab) decode as unk
   assert isinstance(a.decode([a.vocab_size + 3]), str)
+
+
+@pytest.mark.parametrize("mod", [arithmetic, chains])
+def test_sft_noise_corrupts_only_that_share_of_warmup_answers(mod):
+  kw = dict(seed=0, num_sft=200, num_rl=50, num_eval=50, min_steps=2,
+            max_steps=3)
+  clean = mod.splits(**kw)
+  noisy = mod.splits(**kw, sft_noise=0.25)
+  assert noisy["rl"] == clean["rl"] and noisy["eval"] == clean["eval"]
+  wrong = [not mod.verify(n.trace, n.answer) for n in noisy["sft"]]
+  assert sum(wrong) == 50
+  for c, n, w in zip(clean["sft"], noisy["sft"], wrong, strict=True):
+    assert (c.question, c.answer) == (n.question, n.answer)
+    # the chain of thought is kept; only the final answer changes
+    head = c.trace[:c.trace.rindex("answer:")]
+    assert n.trace.startswith(head)
+    assert w == (n.trace != c.trace)
+  with pytest.raises(ValueError, match="task.sft_noise"):
+    mod.splits(**kw, sft_noise=1.5)

@@ -91,13 +91,14 @@ def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
 
 def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
            min_steps: int, max_steps: int, ops: str = OPS,
-           sft_max_steps: int = 0, max_operand: int = 9
-           ) -> dict[str, list[Problem]]:
+           sft_max_steps: int = 0, max_operand: int = 9,
+           sft_noise: float = 0.0) -> dict[str, list[Problem]]:
   """Disjoint warm-up / RL / evaluation sets (by question text).
 
   `sft_max_steps` (if > 0) caps the warm-up traces' difficulty below the RL
   and evaluation range: RL then has to extend the chain of thought to
-  problems longer than any it imitated.
+  problems longer than any it imitated. `sft_noise` is the fraction of
+  warm-up traces whose final answer is wrong (`noisy_answers`).
   """
   kw = dict(ops=ops, max_operand=max_operand)
   ev = generate(num_eval, seed=seed + 2, min_steps=min_steps,
@@ -109,7 +110,31 @@ def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
   used |= {p.question for p in sft}
   rl = generate(num_rl, seed=seed + 1, min_steps=min_steps,
                 max_steps=max_steps, exclude=used, **kw)
+  sft = noisy_answers(sft, sft_noise, seed=seed + 3, alphabet="0123456789")
   return dict(sft=sft, rl=rl, eval=ev)
+
+
+def noisy_answers(problems: list[Problem], frac: float, *, seed: int,
+                  alphabet: str) -> list[Problem]:
+  """Unverified demonstrations: `frac` of the traces (drawn by `seed`) end
+  in a wrong answer, uniform over the other symbols of `alphabet`; their
+  chain of thought stays right. A model that imitates them learns to guess
+  between its own result and a random one, which only a reward on the
+  answer can undo (the smallest case of RL beating more imitation)."""
+  if not 0 <= frac <= 1:
+    raise ValueError(f"config: task.sft_noise={frac} must be in [0, 1]")
+  if frac == 0:
+    return problems
+  rng = np.random.default_rng(seed)
+  bad = rng.permutation(len(problems))[:round(frac * len(problems))]
+  out = list(problems)
+  for i in bad:
+    p = out[i]
+    wrong = [c for c in alphabet if c != p.answer]
+    head = p.trace[:p.trace.rindex("answer:")]
+    out[i] = dataclasses.replace(
+        p, trace=f"{head}answer: {wrong[int(rng.integers(len(wrong)))]}")
+  return out
 
 
 def extract_answer(response: str) -> str | None:

@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 
+from k15.tasks import arithmetic
 from k15.tasks.arithmetic import Problem
 
 NODES = "abcdefghijklmnop"
@@ -75,8 +76,9 @@ def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
 
 def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
            min_steps: int, max_steps: int, sft_max_steps: int = 0,
-           **unused) -> dict[str, list[Problem]]:
-  """Disjoint warm-up / RL / evaluation sets (by prompt text)."""
+           sft_noise: float = 0.0, **unused) -> dict[str, list[Problem]]:
+  """Disjoint warm-up / RL / evaluation sets (by prompt text); `sft_noise`
+  as in `arithmetic.noisy_answers`."""
   del unused
   edges = max_steps + 2
   ev = generate(num_eval, seed=seed + 2, min_steps=min_steps,
@@ -88,6 +90,8 @@ def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
   used |= {p.question for p in sft}
   rl = generate(num_rl, seed=seed + 1, min_steps=min_steps,
                 max_steps=max_steps, exclude=used, num_edges=edges)
+  sft = arithmetic.noisy_answers(sft, sft_noise, seed=seed + 3,
+                                 alphabet=NODES)
   return dict(sft=sft, rl=rl, eval=ev)
 
 
