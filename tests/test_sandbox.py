@@ -5,7 +5,9 @@ Skipped (with the reason) where bwrap or user namespaces are unavailable;
 CI installs `bubblewrap`.
 """
 
+import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -379,3 +381,108 @@ def test_threads_are_allowed():
     "  r = sum(ex.map(lambda x: x * x, range(10)))\n"
   )
   assert run(prog, "assert", ["assert r == 285"]).cause == "ok"
+
+
+# -- no process outlives its run ---------------------------------------------
+
+# Runs programs as PID 1 of a new PID namespace (as k15 does in a container
+# without an init): nothing reaps orphans for us there. After each run it
+# lists every other process of the namespace, zombies included.
+_AS_PID1 = """
+import json, os, sys
+from k15.rewards import sandbox
+
+def others():
+  out = []
+  for pid in os.listdir("/proc"):
+    if pid.isdigit() and int(pid) != os.getpid():
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          stat = f.read()
+      except OSError:
+        continue
+      comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+      state = stat[stat.rindex(")") + 2]
+      out.append([int(pid), comm, state])
+  return out
+
+assert os.getpid() == 1, os.getpid()
+limits = sandbox.Limits(timeout_s=float(sys.argv[2]))
+for prog in json.loads(sys.argv[1]):
+  res = sandbox.Sandbox().run(sandbox.Job(prog), limits)
+  print(json.dumps([res.cause, others()]), flush=True)
+"""
+
+
+def run_as_pid1(programs, timeout_s):
+  """[(cause, other processes)] per program, from a PID 1 k15."""
+  if os.geteuid() != 0:
+    pytest.skip("a new PID namespace needs root here")
+  cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable]
+  cmd += ["-c", _AS_PID1, json.dumps(programs), str(timeout_s)]
+  env = {**os.environ, "PYTHONPATH": REPO}
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+SPIN = "while True:\n  pass\n"
+SLEEP = "import time\ntime.sleep(60)\n"
+FORK_BOMB = "import os\nwhile True:\n  os.fork()\n"
+
+
+def test_no_process_or_zombie_outlives_a_run_under_pid1():
+  progs = {
+    "pass": "ok",
+    SPIN: "timeout",
+    SLEEP: "timeout",
+    FORK_BOMB: "error",
+    "import os\nos._exit(3)\n": "early_exit",
+    "import os\nos.kill(os.getpid(), 9)\n": "killed",
+    "while True:\n  print('x' * 4096)\n": "output_limit",
+  }
+  order = list(progs) * 5
+  order = order[:30]
+  runs = run_as_pid1(order, timeout_s=0.3)
+  assert [cause for cause, _ in runs] == [progs[p] for p in order]
+  assert [left for _, left in runs] == [[]] * len(order)
+
+
+def test_nothing_of_a_run_is_alive_right_after_a_timeout():
+  # A spinner with threads and a sleeper name themselves; right after run()
+  # reports the timeout no process (or thread) of that name may exist.
+  tag = "k15" + secrets.token_hex(6)
+  name = (
+    "import ctypes, threading, time\n"
+    f"ctypes.CDLL(None).prctl(15, b'{tag}', 0, 0, 0)\n"
+  )
+  spin = (
+    "for _ in range(3):\n"
+    "  threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\n"
+    "print('named', flush=True)\n"
+    "while True:\n  pass\n"
+  )
+  sleep = "print('named', flush=True)\ntime.sleep(60)\n"
+  for prog in [spin, sleep] * 2:
+    res = run(name + prog, limits=sandbox.Limits(timeout_s=0.5))
+    assert res.cause == "timeout" and "named" in res.stdout
+    assert tagged_tasks(tag) == []
+
+
+def tagged_tasks(tag):
+  found = []
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+      continue
+    try:
+      tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+      continue
+    for tid in tids:
+      try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+          if f.read().strip() == tag:
+            found.append(tid)
+      except OSError:
+        pass
+  return found

@@ -2,29 +2,38 @@
 
 Layers, outermost first (each one alone should contain a hostile program):
 
-1. `prlimit`: address space, CPU seconds, processes, file size, open files.
-2. `setpriv`: when we are root, drop to a fresh unprivileged uid/gid (random
+1. `setpriv`: when we are root, drop to a fresh unprivileged uid/gid (random
    per run, so concurrent runs never share an RLIMIT_NPROC count or signal
    each other; with one fixed uid we once saw bwrap fail "Can't fork" under
    load, probably tasks of just-finished runs still being counted) with no
-   supplementary groups.
-3. `bwrap`: new user, mount, pid, net, ipc, uts and cgroup namespaces; a root
+   supplementary groups; always: die with us (SIGKILL as parent-death
+   signal).
+2. `unshare --pid --fork`: a PID namespace per run, whose init is the outer
+   bwrap. When that init dies the kernel kills and reaps everything in the
+   namespace before `unshare` (our child) can reap the init and exit, so
+   once `run()` has waited for its child no process of the run exists, not
+   even a zombie, also when k15 is PID 1 and reaps nobody (bwrap alone
+   orphans its inner init: it exits as soon as its child reports).
+3. `prlimit`: address space, CPU seconds, processes, file size, open files.
+4. `bwrap`: new user, mount, pid, net, ipc, uts and cgroup namespaces; a root
    that holds only read-only /usr (plus the host's /bin, /lib, /lib64
    symlinks), a fresh /proc of the sandbox's own pid namespace, a minimal
    /dev and a small tmpfs /tmp; cleared environment, new session, killed with
    its parent, no further user namespaces; then `--remount-ro /`.
-4. seccomp (built here with `pyseccomp`, loaded by bwrap from a memfd): no
+5. seccomp (built here with `pyseccomp`, loaded by bwrap from a memfd): no
    sockets but AF_UNIX, no fork/vfork/clone of processes (threads are fine),
    no ptrace, mount, unshare, setns, bpf, keyctl, io_uring, ... The harness
    adds a second filter forbidding execve before the program runs.
-5. A wall-clock deadline that SIGKILLs the whole process group, and capped
-   stdout/stderr (a run that prints more than the cap is killed).
+6. A wall-clock deadline that SIGKILLs the run's PID namespace (its init),
+   and capped stdout/stderr (a run that prints more than the cap is
+   killed).
 
 Requirements (all Debian packages): `bubblewrap` (bwrap), `util-linux`
-(setpriv, prlimit), `libseccomp2`, and the system `python3` under /usr; PyPI
-`pyseccomp`. Running as root needs nothing else: bwrap is then started by an
-unprivileged uid and creates its user namespace itself, so the kernel must
-allow unprivileged user namespaces: `user.max_user_namespaces` > 0, on
+(setpriv, unshare, prlimit), `libseccomp2`, and the system `python3` under
+/usr; PyPI `pyseccomp`. Running as root needs nothing else: `unshare` and
+bwrap are then started by an unprivileged uid and create their user
+namespaces themselves, so the kernel must allow unprivileged user
+namespaces: `user.max_user_namespaces` > 0, on
 older Debian kernels `kernel.unprivileged_userns_clone=1`, on Ubuntu 24.04+
 `kernel.apparmor_restrict_unprivileged_userns=0`; inside Docker, a seccomp
 profile that allows `unshare`/`clone` of namespaces (e.g. `--security-opt
@@ -154,10 +163,8 @@ class Job:
 @functools.cache
 def _tools() -> dict[str, str]:
   tools = {}
-  for name in ("bwrap", "prlimit", "setpriv"):
+  for name in ("bwrap", "prlimit", "setpriv", "unshare"):
     path = shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
-    if path is None and name == "setpriv" and os.geteuid() != 0:
-      continue  # already unprivileged; setpriv is only used by root
     if path is None:
       pkg = "bubblewrap" if name == "bwrap" else "util-linux"
       raise SandboxUnavailable(
@@ -277,7 +284,17 @@ class Sandbox:
     tools = _tools()
     cpu = limits.cpu_s or math.ceil(limits.timeout_s)
     mb = 1 << 20
-    cmd = [
+    cmd = [tools["setpriv"], "--pdeathsig", "KILL", "--no-new-privs"]
+    if os.geteuid() == 0:
+      uid = 1_000_000 + secrets.randbelow(1 << 30)
+      cmd += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    cmd += [
+      tools["unshare"],
+      "--map-current-user",  # a user namespace, to own the PID namespace
+      "--pid",
+      "--fork",
+      "--kill-child",
+      "--mount-proc",  # bwrap reads /proc/<its child's pid>
       tools["prlimit"],
       f"--as={limits.memory_mb * mb}",
       f"--cpu={cpu}:{cpu + 1}",
@@ -286,10 +303,6 @@ class Sandbox:
       f"--nofile={limits.nofile}",
       "--core=0",
     ]
-    if os.geteuid() == 0:
-      uid = 1_000_000 + secrets.randbelow(1 << 30)
-      cmd += [tools["setpriv"], f"--reuid={uid}", f"--regid={uid}"]
-      cmd += ["--clear-groups", "--no-new-privs"]
     cmd += [
         tools["bwrap"],
         "--unshare-all",
@@ -357,7 +370,8 @@ class Sandbox:
       os.close(res_r)
       os.close(nonce_w)
     wall = time.monotonic() - start
-    return _judge(job, nonce, io_out, proc.returncode, wall, limits)
+    returncode = _unshare_status(io_out, proc.returncode)
+    return _judge(job, nonce, io_out, returncode, wall, limits)
 
   def run_many(
     self,
@@ -487,11 +501,56 @@ def _communicate(proc, res_r, nonce_w, nonce, limits, start) -> _IO:
   return out
 
 
+# util-linux 2.38 `unshare` says this (and exits 1) when its child died by
+# SIGKILL: it cannot re-raise SIGKILL on itself.
+_UNSHARE_KILLED = b"unshare: sigprocmask unblock failed: Invalid argument\n"
+
+
+def _unshare_status(io_out: _IO, returncode: int | None) -> int | None:
+  """The init's fate rather than `unshare`'s complaint about it."""
+  if returncode == 1 and io_out.stderr.endswith(_UNSHARE_KILLED):
+    io_out.stderr = io_out.stderr[: -len(_UNSHARE_KILLED)]
+    return -signal.SIGKILL
+  return returncode
+
+
 def _kill(proc) -> None:
+  """SIGKILLs the run's PID namespace through its init, the child of
+  `unshare`: the kernel then kills every process in it, and `unshare` exits
+  once the init is reaped. Killing `unshare` itself would orphan the init.
+  Only `unshare` reaps that init and then exits, so the pid we read cannot
+  be reused while we signal it."""
+  while proc.poll() is None:
+    kids = _children(proc.pid)
+    for pid in kids:
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    if kids:
+      return
+    time.sleep(0.001)  # not forked yet, or exiting
+
+
+def _children(pid: int) -> list[int]:
   try:
-    os.killpg(proc.pid, signal.SIGKILL)
-  except (ProcessLookupError, PermissionError):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+      return [int(x) for x in f.read().split()]
+  except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN
     pass
+  except OSError:
+    return []
+  kids = []
+  for name in os.listdir("/proc"):
+    if name.isdigit():
+      try:
+        with open(f"/proc/{name}/stat") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, IndexError, ValueError):
+        continue
+      if ppid == pid:
+        kids.append(int(name))
+  return kids
 
 
 def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
@@ -570,7 +629,10 @@ def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
 
 
 def _bwrap_failed(stderr: str) -> bool:
-  return stderr.startswith("bwrap:") or "prlimit:" in stderr[:200]
+  head = stderr[:200]
+  return stderr.startswith("bwrap:") or any(
+    f"{tool}:" in head for tool in ("prlimit", "setpriv", "unshare")
+  )
 
 
 def _cause_of_death(returncode) -> str:
