@@ -486,8 +486,8 @@ def _communicate(proc, res_r, nonce_w, nonce, limits, start) -> _IO:
     if out.killed_for:
       _kill(proc)
     try:
-      # All pipes closed: the process is exiting (or hostile and silent);
-      # it gets the rest of its wall-clock budget, never a premature kill.
+      # All pipes closed: `unshare` (which holds them) is exiting; it gets
+      # the rest of the wall-clock budget, never a premature kill.
       proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
       out.killed_for = out.killed_for or "timeout"
