@@ -5,6 +5,7 @@ Skipped (with the reason) where bwrap or user namespaces are unavailable;
 CI installs `bubblewrap`.
 """
 
+import dataclasses
 import json
 import os
 import secrets
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from k15.rewards import sandbox
+from k15.rewards import _harness, sandbox
 
 REASON = sandbox.unavailable_reason()
 pytestmark = pytest.mark.skipif(bool(REASON), reason=f"no sandbox: {REASON}")
@@ -383,6 +384,178 @@ def test_threads_are_allowed():
   assert run(prog, "assert", ["assert r == 285"]).cause == "ok"
 
 
+# -- verdicts the program cannot fake ------------------------------------------
+
+# Finds the nonce the way a policy would: every 32-hex string in the frames
+# above it and in every dict the gc knows; then writes passing records with
+# each candidate to every fd on argv, and exits.
+FORGE = """
+import gc, os, sys
+
+def forge():
+  hexd, found = set("0123456789abcdef"), set()
+  def look(v):
+    if isinstance(v, str) and len(v) == 32 and set(v) <= hexd:
+      found.add(v)
+  f = sys._getframe()
+  while f is not None:
+    for v in list(f.f_locals.values()):
+      look(v)
+    f = f.f_back
+  for o in gc.get_objects():
+    if isinstance(o, dict):
+      for v in list(o.values()):
+        look(v)
+  for n in found:
+    recs = [f"{n} test {i} {s} - {o}" for i in range(4)
+            for s, o in (("pass", "-"), ("ran", "-"), ("ok", "j:9"))]
+    for fd in [int(a) for a in sys.argv[1:] if a.isdigit()]:
+      try:
+        os.write(fd, ("\\n".join(recs) + f"\\n{n} done\\n").encode())
+      except OSError:
+        pass
+  os._exit(0)
+"""
+
+FORGING_JOBS = {
+  "call": sandbox.Job(
+    FORGE + "def f(x):\n  forge()\n",
+    "call",
+    ((3,), (4,)),
+    entry_point="f",
+    expected=(9, 16),
+  ),
+  "stdio": sandbox.Job(
+    FORGE + "forge()\n", "stdio", ("3\n", "4\n"), expected=("9", "16")
+  ),
+  "judge": sandbox.Job(
+    FORGE + "def f(x):\n  forge()\n",
+    "judge",
+    ("assert f(3) == 9", "assert f(4) == 16"),
+    entry_point="f",
+  ),
+}
+
+
+@pytest.mark.parametrize("mode", sandbox.SAFE_MODES)
+def test_frame_and_gc_walking_program_cannot_pass(mode):
+  res = sandbox.Sandbox().run(FORGING_JOBS[mode], FAST)
+  assert not res.passed and res.num_passed == 0, res
+  assert not res.fakeable
+
+
+def test_forged_top_level_error_ok_record_fails():
+  # "error ok" before the tests once counted as the run's cause.
+  prog = "import os, sys\nos.write(int(sys.argv[2]), b'error ok -\\n')\n"
+  job = sandbox.Job(prog + "os._exit(0)\n", "call", ((3,),),
+                    entry_point="f", expected=(9,))  # fmt: skip
+  res = sandbox.Sandbox().run(job, FAST)
+  assert res.cause == "error" and not res.passed
+
+
+def test_judge_cannot_be_read_or_interrupted_by_the_program():
+  # The program tries the judge's memory, fds and environment, signals it,
+  # and looks for the tests in its own memory; then answers correctly.
+  prog = (
+    "import gc, os, signal\n"
+    "judge = os.getppid()\n"
+    "for what in ('mem', 'environ', 'fd/3', 'fd'):\n"
+    "  try:\n"
+    "    p = f'/proc/{judge}/{what}'\n"
+    "    os.listdir(p) if what == 'fd' else open(p, 'rb').read(1)\n"
+    "    print(what, 'read')\n"
+    "  except OSError as e:\n"
+    "    print(what, type(e).__name__)\n"
+    "for sig in ('SIGALRM', 'SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGPIPE'):\n"
+    "  os.kill(judge, getattr(signal, sig))\n"
+    "def seen():\n"
+    "  mark = '-'.join(['k15', 'hidden'])\n"
+    "  return sum(mark in repr(o)[:10000] for o in gc.get_objects())\n"
+    "print('tests seen', seen())\n"
+    "def f(x):\n"
+    "  return x * x\n"
+  )
+  job = sandbox.Job(prog, "judge", ("assert f(3) == 9  # k15-hidden",),
+                    entry_point="f")  # fmt: skip
+  res = sandbox.Sandbox().run(job, FAST)
+  assert res.passed, res
+  lines = res.stdout.splitlines()
+  assert "read" not in res.stdout and len(lines) == 5, lines
+  assert lines[-1] == "tests seen 0"
+  # ... where in assert mode the tests are right there.
+  res = sandbox.Sandbox().run(dataclasses.replace(job, mode="assert"), FAST)
+  assert res.stdout.splitlines()[-1] != "tests seen 0"
+
+
+def test_judge_mode_values_errors_and_setup():
+  prog = (
+    "def f(kind):\n"
+    "  if kind == 'raise':\n"
+    "    raise ValueError('no')\n"
+    "  return {'t': (1, [2.5, None]), 's': {3}, 'b': b'x', 'big': 10**30,\n"
+    "          'inf': float('inf'), 'ok': True, 1: 'int key', 'c': 1j}[kind]\n"
+  )
+  tests = [
+    "assert f('t') == (1, [2.5, None]) and f('t') != [1, [2.5, None]]",
+    "assert f('s') == {3} and f('b') == b'x' and f('big') == 10**30",
+    "assert f('inf') == INF and f('ok') is True and f(1) == 'int key'",
+    "assert f('c') == 1j",
+    "try:\n  f('raise')\nexcept ValueError as e:\n  assert str(e) == 'no'",
+    "assert f('t') == (1, [2.5])",
+    "f('missing')",
+  ]
+  job = sandbox.Job(prog, "judge", tuple(tests), entry_point="f",
+                    setup="INF = float('inf')\n")  # fmt: skip
+  res = sandbox.Sandbox().run(job, FAST)
+  assert [t.status for t in res.tests] == ["pass"] * 5 + ["fail", "error"]
+  assert "KeyError" in res.tests[-1].detail
+
+
+def test_judge_mode_deaths_and_timeouts():
+  limits = sandbox.Limits(timeout_s=5.0, test_timeout_s=0.5)
+  prog = (
+    "import os\n"
+    "def f(x):\n"
+    "  if x == 'spin':\n"
+    "    while True: pass\n"
+    "  if x == 'exit':\n"
+    "    os._exit(0)\n"
+    "  return x\n"
+  )
+  job = sandbox.Job(prog, "judge", ("f('spin')", "f(1)"), entry_point="f")
+  res = sandbox.Sandbox().run(job, limits)
+  assert [t.status for t in res.tests] == ["timeout", "error"]
+  assert res.cause == "timeout"
+  job = sandbox.Job(prog, "judge", ("f('exit')", "f(1)"), entry_point="f")
+  res = sandbox.Sandbox().run(job, limits)
+  assert [t.status for t in res.tests] == ["error", "error"]
+  for top, cause in [("import os\nos._exit(0)\n", "early_exit"),
+                     ("while True: pass\n", "timeout"),
+                     ("g = 1\n", "error")]:  # fmt: skip
+    job = sandbox.Job(top, "judge", ("f(1)",), entry_point="f")
+    res = sandbox.Sandbox().run(job, limits)
+    assert res.cause == cause and res.tests[0].status == "not_run"
+  with pytest.raises(ValueError, match="entry_point"):
+    sandbox.Sandbox().run(sandbox.Job("", "judge", ("f(1)",)))
+
+
+def test_judge_wire_format():
+  values = [None, True, 0, -(10**40), 2.5, float("-inf"), 1 - 2j, "é\n;",
+            b"\x00;", [1, (2, "3")], {(1, 2): {"a": [frozenset({4})]}},
+            set()]  # fmt: skip
+  for v in values:
+    out = []
+    _harness.encode(v, out)
+    assert "\n" not in "".join(out)
+    back = _harness.decode("".join(out))
+    assert back == v and type(back) is type(v)
+  for bad in ["", "l2;i1;", "i1;i2;", "x1;", "d1;l0;i1;", "i1", "l-1;"]:
+    with pytest.raises((ValueError, TypeError)):
+      _harness.decode(bad)
+  with pytest.raises(TypeError, match="plain data"):
+    _harness.encode(object(), [])
+
+
 # -- no process outlives its run ---------------------------------------------
 
 # Runs programs as PID 1 of a new PID namespace (as k15 does in a container
@@ -390,7 +563,7 @@ def test_threads_are_allowed():
 # lists every other process of the namespace, zombies included.
 _AS_PID1 = """
 import json, os, sys
-from k15.rewards import sandbox
+from k15.rewards import _harness, sandbox
 
 def others():
   out = []

@@ -126,6 +126,7 @@ class ExecResult:
   returncode: int | None
   wall_s: float
   detail: str = ""
+  fakeable: bool = False  # "assert" mode: the program could forge a pass
 
   @property
   def passed(self) -> bool:
@@ -139,16 +140,34 @@ class ExecResult:
 _MISSING = object()
 
 
+MODES = ("none", "judge", "call", "stdio", "assert")
+# Modes whose verdict the program cannot fake by reading the harness's state
+# (frames, gc, fds, /proc/self): the expected outputs never enter the
+# sandbox ("call", "stdio"), or the tests run in a process the program
+# cannot reach ("judge"). "assert" runs tests inside the program's process:
+# for evaluation only, its results are marked `fakeable`.
+SAFE_MODES = ("judge", "call", "stdio")
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """A program and its tests.
 
-  mode "assert": tests are code strings run after the program in its
-    namespace (HumanEval style); pass = no exception.
+  mode "judge": tests are code strings (HumanEval's `check(candidate)`,
+    MBPP's `assert f(1) == 2`) run by the harness after `setup` (trusted
+    code such as HumanEval's prompt, for its helper functions), in its own
+    process; the program runs in a child process, and `entry_point` in the
+    tests calls into it. Arguments and return values cross as plain data
+    (None, bool, int, float, complex, str, bytes, list, tuple, dict, set);
+    the tests see nothing else of the program. pass = no exception.
   mode "call": tests are argument lists for `entry_point`; the returned
     value is compared outside the sandbox with `expected[i]`.
   mode "stdio": tests are stdin strings; the program runs once per test as
     `__main__` and its stdout is compared (token-wise) with `expected[i]`.
+  mode "assert": tests are code strings run after the program in its own
+    namespace and process. The program can fake a pass (walk the frames to
+    the harness's nonce and write records), so results are `fakeable`;
+    never for training (see `k15.rewards.code`).
   mode "none": just run the program's top level.
   `expected` is None (or shorter than tests) to only collect outputs.
   """
@@ -158,6 +177,7 @@ class Job:
   tests: tuple = ()
   entry_point: str = ""
   expected: tuple | None = None
+  setup: str = ""  # "judge" mode: trusted code run before the tests
 
 
 @functools.cache
@@ -176,7 +196,7 @@ def _tools() -> dict[str, str]:
 
 
 _BLOCKED_SYSCALLS = (
-    "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev",
+    "ptrace", "process_vm_readv", "process_vm_writev",
     "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
     "kexec_load", "kexec_file_load", "init_module", "finit_module",
     "delete_module", "bpf", "perf_event_open", "keyctl", "add_key",
@@ -191,9 +211,11 @@ _BLOCKED_SYSCALLS = (
 
 
 @functools.cache
-def _seccomp_filters() -> tuple[bytes, bytes]:
-  """(base filter loaded by bwrap, execve filter loaded by the harness),
-  as BPF programs."""
+def _seccomp_filters() -> dict[str, bytes]:
+  """BPF programs: "base", loaded by bwrap; "base_fork", the same but
+  allowing new processes (in "judge" mode the harness forks the program's
+  process); "harness", loaded by the harness in every process before
+  untrusted code runs: no execve, no new processes."""
   try:
     import pyseccomp as sc  # host-only dependency; needs libseccomp2
   except (ImportError, OSError) as e:
@@ -203,23 +225,38 @@ def _seccomp_filters() -> tuple[bytes, bytes]:
     ) from e
 
   eperm = sc.ERRNO(errno.EPERM)
-  base = sc.SyscallFilter(sc.ALLOW)
-  for name in _BLOCKED_SYSCALLS:
-    base.add_rule(eperm, name)
-  # Processes only as threads: clone must carry CLONE_THREAD. clone3 passes
-  # its flags in memory seccomp cannot read; ENOSYS makes glibc fall back to
-  # clone.
-  clone_thread = 0x00010000
-  base.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, clone_thread, 0))
-  base.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-  af_unix = 1
-  base.add_rule(eperm, "socket", sc.Arg(0, sc.NE, af_unix))
-  tiocsti = 0x5412
-  base.add_rule(eperm, "ioctl", sc.Arg(1, sc.EQ, tiocsti))
-  no_exec = sc.SyscallFilter(sc.ALLOW)
-  no_exec.add_rule(eperm, "execve")
-  no_exec.add_rule(eperm, "execveat")
-  return _export(base), _export(no_exec)
+
+  def no_processes(filt) -> None:
+    # Processes only as threads: clone must carry CLONE_THREAD. clone3
+    # passes its flags in memory seccomp cannot read; ENOSYS makes glibc
+    # fall back to clone.
+    clone_thread = 0x00010000
+    filt.add_rule(eperm, "fork")
+    filt.add_rule(eperm, "vfork")
+    filt.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, clone_thread, 0))
+    filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+
+  def base(processes: bool):
+    filt = sc.SyscallFilter(sc.ALLOW)
+    for name in _BLOCKED_SYSCALLS:
+      filt.add_rule(eperm, name)
+    if not processes:
+      no_processes(filt)
+    af_unix = 1
+    filt.add_rule(eperm, "socket", sc.Arg(0, sc.NE, af_unix))
+    tiocsti = 0x5412
+    filt.add_rule(eperm, "ioctl", sc.Arg(1, sc.EQ, tiocsti))
+    return filt
+
+  harness = sc.SyscallFilter(sc.ALLOW)
+  harness.add_rule(eperm, "execve")
+  harness.add_rule(eperm, "execveat")
+  no_processes(harness)
+  return dict(
+    base=_export(base(False)),
+    base_fork=_export(base(True)),
+    harness=_export(harness),
+  )
 
 
 def _export(filt) -> bytes:
@@ -337,14 +374,17 @@ class Sandbox:
     """Runs one job to completion (or to its limits); never raises for
     anything the program does."""
     limits = limits or self.limits
-    base_bpf, exec_bpf = _seccomp_filters()
-    payload = _job_payload(job, exec_bpf, limits)
+    bpf = _seccomp_filters()
+    payload, judge_payload = _job_payload(job, bpf["harness"], limits)
     job_fd = _memfd("job", payload)
-    seccomp_fd = _memfd("seccomp", base_bpf)
+    base = bpf["base_fork" if job.mode == "judge" else "base"]
+    seccomp_fd = _memfd("seccomp", base)
     harness_fd = _memfd("harness", _harness_source())
     res_r, res_w = os.pipe()
     nonce_r, nonce_w = os.pipe()
     child_fds = (job_fd, res_w, nonce_r)
+    if judge_payload is not None:
+      child_fds += (_memfd("tests", judge_payload),)
     start = time.monotonic()
     try:
       proc = subprocess.Popen(
@@ -361,7 +401,7 @@ class Sandbox:
       os.close(nonce_w)
       raise
     finally:
-      for fd in (job_fd, seccomp_fd, harness_fd, res_w, nonce_r):
+      for fd in (*child_fds, seccomp_fd, harness_fd):
         os.close(fd)
     nonce = secrets.token_hex(16)
     try:
@@ -371,7 +411,7 @@ class Sandbox:
       os.close(nonce_w)
     wall = time.monotonic() - start
     returncode = _unshare_status(io_out, proc.returncode)
-    return _judge(job, nonce, io_out, returncode, wall, limits)
+    return _verdict(job, nonce, io_out, returncode, wall, limits)
 
   def run_many(
     self,
@@ -398,9 +438,15 @@ def default_workers() -> int:
   return 3 * (os.cpu_count() or 1)
 
 
-def _job_payload(job: Job, bpf: bytes, limits: Limits) -> bytes:
-  if job.mode not in ("none", "assert", "call", "stdio"):
-    raise ValueError(f"sandbox: unknown job mode {job.mode!r}")
+def _job_payload(
+  job: Job, bpf: bytes, limits: Limits
+) -> tuple[bytes, bytes | None]:
+  """(JOB, TESTS): in "judge" mode the tests and setup travel apart, so the
+  program's process, forked before the judge reads them, never holds them."""
+  if job.mode not in MODES:
+    raise ValueError(f"sandbox: unknown job mode {job.mode!r}; {MODES}")
+  if job.mode == "judge" and not job.entry_point:
+    raise ValueError("sandbox: judge mode needs the entry_point to call")
   if job.mode == "call":
     tests = [list(t) for t in job.tests]
   else:
@@ -408,13 +454,16 @@ def _job_payload(job: Job, bpf: bytes, limits: Limits) -> bytes:
   payload = dict(
     program=job.program,
     mode=job.mode,
-    tests=tests,
+    tests=[] if job.mode == "judge" else tests,
     entry_point=job.entry_point,
     bpf=bpf,
     test_timeout_s=float(limits.test_timeout_s),
   )
+  judge = None
+  if job.mode == "judge":
+    judge = marshal.dumps(dict(setup=str(job.setup), tests=tests))
   try:
-    return marshal.dumps(payload)
+    return marshal.dumps(payload), judge
   except ValueError as e:
     raise ValueError(
       f"sandbox: test arguments must be plain data (lists, dicts, str, "
@@ -553,7 +602,7 @@ def _children(pid: int) -> list[int]:
   return kids
 
 
-def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
+def _verdict(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
   """Turns the records of one run into per-test results and a cause."""
   top_error = None
   ready = False
@@ -607,7 +656,7 @@ def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
   elif top_error is not None:
     kind = top_error.get("kind", "error")
     cause = {"exit": "early_exit"}.get(kind, kind)
-    if cause not in CAUSES:
+    if cause not in CAUSES or cause == "ok":  # a record can only fail a run
       cause = "error"
     detail = str(top_error.get("detail", ""))
   elif not ready and returncode not in (0, None) and _bwrap_failed(stderr):
@@ -625,7 +674,10 @@ def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
       break
   if cause == "ok" and returncode not in (0, None):
     cause, detail = _cause_of_death(returncode), f"returncode {returncode}"
-  return ExecResult(cause, tests, stdout, stderr, returncode, wall, detail)
+  fakeable = job.mode not in SAFE_MODES and job.mode != "none"
+  return ExecResult(
+    cause, tests, stdout, stderr, returncode, wall, detail, fakeable
+  )
 
 
 def _bwrap_failed(stderr: str) -> bool:
@@ -669,8 +721,11 @@ def _test_result(job: Job, i: int, rec: dict) -> TestResult:
   status = str(rec.get("status", "error"))
   detail = str(rec.get("detail", ""))
   if status != "ok":
-    return TestResult(status if status in _STATUSES else "error", detail)
-  if job.mode == "assert" or job.mode == "none":
+    # Only failures come from inside: in call and stdio modes the program
+    # may have found the nonce and written records itself; a "pass" or
+    # "ran" from there would skip the comparison made here.
+    return TestResult(status if status in _FAILED else "error", detail)
+  if job.mode in ("assert", "judge", "none"):
     return TestResult("pass")
   output = rec.get("output")
   expected = _MISSING
@@ -687,7 +742,7 @@ def _test_result(job: Job, i: int, rec: dict) -> TestResult:
   return TestResult("fail", f"got {str(output)[:200]!r}", output)
 
 
-_STATUSES = ("pass", "fail", "error", "timeout", "memory", "not_run", "ran")
+_FAILED = ("fail", "error", "timeout", "memory")
 
 
 def normalize(value: Any) -> Any:
