@@ -16,14 +16,19 @@ in the environment):
                         + JSON of the value, or "s:" + hex of stdout) and
                         "<nonce> done" count.
   NONCE (pipe, read):   one line, written by the parent only after "ready".
+  TESTS (memfd, read):  "judge" mode only: marshal {setup, tests}, read
+                        after the program's process is forked.
 
 Why: untrusted code runs before any nonce exists, so `os._exit(0)`,
 `sys.exit(0)` or printed fake verdicts before the tests can never produce a
 tagged pass; a missing "done" is a failure. Untagged records can only make a
-run fail. The program could still emulate this protocol or dig the nonce out
-of this process's memory while a test calls into it; in "call" and "stdio"
-modes that gains nothing, because the expected outputs never enter the
-sandbox and are compared by the parent.
+run fail. The program can still emulate this protocol or dig the nonce out
+of this process while a test calls into it (frames, gc). In "call" and
+"stdio" modes that gains nothing: the parent takes only failures or outputs
+from these records and compares the outputs with expected values that never
+enter the sandbox. In "assert" mode it fakes a pass, so that mode is for
+evaluation only. In "judge" mode the tests run here and the program in a
+child process that can reach neither this process nor RES (see `_judge`).
 
 Start-up is paid on every execution, so: marshal rather than json (which
 pulls in `re` and `enum`; only "call" tests import it), `_signal` rather
