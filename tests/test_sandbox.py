@@ -108,6 +108,14 @@ def test_no_fd_or_process_leak():
   assert len(children) <= 1  # only the `ps` itself, if listed
 
 
+def test_unshare_complaint_about_a_killed_init_reads_as_a_kill():
+  # util-linux 2.38 cannot re-raise SIGKILL: it says so and exits 1.
+  io_out = sandbox._IO(stderr=b"out\n" + sandbox._UNSHARE_KILLED)
+  assert sandbox._unshare_status(io_out, 1) == -9
+  assert io_out.stderr == b"out\n"
+  assert sandbox._unshare_status(sandbox._IO(stderr=b"x\n"), 1) == 1
+
+
 def test_missing_bwrap_refuses(monkeypatch):
   sandbox._tools.cache_clear()
   monkeypatch.setattr(sandbox.shutil, "which", lambda *a, **k: None)

@@ -21,9 +21,10 @@ Layers, outermost first (each one alone should contain a hostile program):
    /dev and a small tmpfs /tmp; cleared environment, new session, killed with
    its parent, no further user namespaces; then `--remount-ro /`.
 5. seccomp (built here with `pyseccomp`, loaded by bwrap from a memfd): no
-   sockets but AF_UNIX, no fork/vfork/clone of processes (threads are fine),
-   no ptrace, mount, unshare, setns, bpf, keyctl, io_uring, ... The harness
-   adds a second filter forbidding execve before the program runs.
+   sockets but AF_UNIX, no fork/vfork/clone of processes (threads are fine;
+   in "judge" mode the harness may fork once, see `Job`), no ptrace, mount,
+   unshare, setns, bpf, keyctl, io_uring, ... The harness adds a second
+   filter forbidding execve and new processes before any program runs.
 6. A wall-clock deadline that SIGKILLs the run's PID namespace (its init),
    and capped stdout/stderr (a run that prints more than the cap is
    killed).
