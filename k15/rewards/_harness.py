@@ -38,6 +38,7 @@ than `signal`.
 import _signal
 import builtins
 import ctypes
+import gc
 import io
 import marshal
 import os
@@ -464,8 +465,6 @@ def _judge(job: dict, res_fd: int, nonce_fd: int, tests_fd: int) -> None:
   handlers = _ignore_signals()
   req_r, req_w = os.pipe()
   rep_r, rep_w = os.pipe()
-  import gc
-
   gc.freeze()  # fewer copy-on-write faults in both processes
   pid = os.fork()
   if pid == 0:
