@@ -43,6 +43,8 @@ def test_extract_program():
 
 def test_test_mode_inference():
   assert code.test_mode({"tests": ["assert True"]}) == "assert"
+  item = {"tests": ["assert f(1) == 2"], "entry_point": "f"}
+  assert code.test_mode(item) == "judge"
   assert code.test_mode({"tests": [{"args": [1], "expected": 1}]}) == "call"
   assert code.test_mode({"tests": [{"input": "", "output": ""}]}) == "stdio"
   with pytest.raises(ValueError, match="no 'tests'"):
@@ -150,6 +152,66 @@ def test_humaneval_canonical_solutions_pass_in_the_sandbox(reward):
   wrong = ["    return None\n"] * 3
   res = reward(items[:3], wrong, [True] * 3)
   assert [r.cause for r in res] == ["wrong_answer"] * 3
+
+
+# A completion that walks frames and gc objects for the harness's nonce and
+# writes passing records with it (as HumanEval's "assert" mode allowed).
+FORGING_COMPLETION = """    return forge()
+
+
+import gc, os, sys
+
+def forge():
+  found = set()
+  f = sys._getframe()
+  while f is not None:
+    found.update(v for v in f.f_locals.values() if isinstance(v, str))
+    f = f.f_back
+  for o in gc.get_objects():
+    if isinstance(o, dict):
+      found.update(v for v in list(o.values()) if isinstance(v, str))
+  nonces = [v for v in found if len(v) == 32 and v.isalnum()]
+  for fd in [int(a) for a in sys.argv[1:] if a.isdigit()]:
+    for n in nonces:
+      try:
+        os.write(fd, f"{n} test 0 ok - -\\n{n} done\\n".encode())
+      except OSError:
+        pass
+  os._exit(0)
+"""
+
+
+@needs_sandbox
+def test_humaneval_completions_cannot_fake_or_redefine_the_tests(reward):
+  items = {it["task_id"]: it for it in humaneval.load()}
+  res = reward([items["HumanEval/2"]], [FORGING_COMPLETION], [True])
+  assert res[0].score == 0.0, res
+  # HumanEval/32's test checks the root with the prompt's `poly`; a
+  # completion's own `poly` must not be the one the test uses.
+  hack = "    return 0.0\n\n\ndef poly(xs, x):\n    return 0.0\n"
+  res = reward([items["HumanEval/32"]], [hack], [True])
+  assert res[0].score == 0.0, res
+
+
+@needs_sandbox
+def test_fakeable_mode_refused_for_training_and_labelled_for_eval(reward):
+  item = dict(prompt="p", tests=["assert f() == 1"])  # no entry_point
+  prog = fenced("def f():\n  return 1\n")
+  with pytest.raises(ValueError, match=r"item 0: test mode 'assert'"):
+    reward([item], [prog], [True])
+  with pytest.raises(ValueError, match="row 3: test_mode"):
+    code.check_mode_for_training("assert", "row 3: test_mode")
+  code.check_mode_for_training("judge")
+  with pytest.raises(ValueError, match=r"reward\.code\.allow_fakeable"):
+    code.check_training_config({"allow_fakeable": True})
+  code.check_training_config({"limits": FAST})
+  evaluate = code.CodeReward(limits=FAST, allow_fakeable=True)
+  res = evaluate([item, item], [prog, fenced("def f():\n  return 2\n")],
+                 [True, True])  # fmt: skip
+  assert [r.score for r in res] == [1.0, 0.0]
+  assert all(r.info["fakeable"] for r in res)
+  ok = reward([dict(item, entry_point="f")], [prog], [True])[0]
+  assert ok.correct and "fakeable" not in ok.info
 
 
 # -- test-case validation -----------------------------------------------------

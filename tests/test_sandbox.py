@@ -5,7 +5,10 @@ Skipped (with the reason) where bwrap or user namespaces are unavailable;
 CI installs `bubblewrap`.
 """
 
+import dataclasses
+import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import time
 
 import pytest
 
-from k15.rewards import sandbox
+from k15.rewards import _harness, sandbox
 
 REASON = sandbox.unavailable_reason()
 pytestmark = pytest.mark.skipif(bool(REASON), reason=f"no sandbox: {REASON}")
@@ -103,6 +106,14 @@ def test_no_fd_or_process_leak():
     text=True,
   ).stdout.split()
   assert len(children) <= 1  # only the `ps` itself, if listed
+
+
+def test_unshare_complaint_about_a_killed_init_reads_as_a_kill():
+  # util-linux 2.38 cannot re-raise SIGKILL: it says so and exits 1.
+  io_out = sandbox._IO(stderr=b"out\n" + sandbox._UNSHARE_KILLED)
+  assert sandbox._unshare_status(io_out, 1) == -9
+  assert io_out.stderr == b"out\n"
+  assert sandbox._unshare_status(sandbox._IO(stderr=b"x\n"), 1) == 1
 
 
 def test_missing_bwrap_refuses(monkeypatch):
@@ -379,3 +390,280 @@ def test_threads_are_allowed():
     "  r = sum(ex.map(lambda x: x * x, range(10)))\n"
   )
   assert run(prog, "assert", ["assert r == 285"]).cause == "ok"
+
+
+# -- verdicts the program cannot fake ------------------------------------------
+
+# Finds the nonce the way a policy would: every 32-hex string in the frames
+# above it and in every dict the gc knows; then writes passing records with
+# each candidate to every fd on argv, and exits.
+FORGE = """
+import gc, os, sys
+
+def forge():
+  hexd, found = set("0123456789abcdef"), set()
+  def look(v):
+    if isinstance(v, str) and len(v) == 32 and set(v) <= hexd:
+      found.add(v)
+  f = sys._getframe()
+  while f is not None:
+    for v in list(f.f_locals.values()):
+      look(v)
+    f = f.f_back
+  for o in gc.get_objects():
+    if isinstance(o, dict):
+      for v in list(o.values()):
+        look(v)
+  for n in found:
+    recs = [f"{n} test {i} {s} - {o}" for i in range(4)
+            for s, o in (("pass", "-"), ("ran", "-"), ("ok", "j:9"))]
+    for fd in [int(a) for a in sys.argv[1:] if a.isdigit()]:
+      try:
+        os.write(fd, ("\\n".join(recs) + f"\\n{n} done\\n").encode())
+      except OSError:
+        pass
+  os._exit(0)
+"""
+
+FORGING_JOBS = {
+  "call": sandbox.Job(
+    FORGE + "def f(x):\n  forge()\n",
+    "call",
+    ((3,), (4,)),
+    entry_point="f",
+    expected=(9, 16),
+  ),
+  "stdio": sandbox.Job(
+    FORGE + "forge()\n", "stdio", ("3\n", "4\n"), expected=("9", "16")
+  ),
+  "judge": sandbox.Job(
+    FORGE + "def f(x):\n  forge()\n",
+    "judge",
+    ("assert f(3) == 9", "assert f(4) == 16"),
+    entry_point="f",
+  ),
+}
+
+
+@pytest.mark.parametrize("mode", sandbox.SAFE_MODES)
+def test_frame_and_gc_walking_program_cannot_pass(mode):
+  res = sandbox.Sandbox().run(FORGING_JOBS[mode], FAST)
+  assert not res.passed and res.num_passed == 0, res
+  assert not res.fakeable
+
+
+def test_forged_top_level_error_ok_record_fails():
+  # "error ok" before the tests once counted as the run's cause.
+  prog = "import os, sys\nos.write(int(sys.argv[2]), b'error ok -\\n')\n"
+  job = sandbox.Job(prog + "os._exit(0)\n", "call", ((3,),),
+                    entry_point="f", expected=(9,))  # fmt: skip
+  res = sandbox.Sandbox().run(job, FAST)
+  assert res.cause == "error" and not res.passed
+
+
+def test_judge_cannot_be_read_or_interrupted_by_the_program():
+  # The program tries the judge's memory, fds and environment, signals it,
+  # and looks for the tests in its own memory; then answers correctly.
+  prog = (
+    "import gc, os, signal\n"
+    "judge = os.getppid()\n"
+    "for what in ('mem', 'environ', 'fd/3', 'fd'):\n"
+    "  try:\n"
+    "    p = f'/proc/{judge}/{what}'\n"
+    "    os.listdir(p) if what == 'fd' else open(p, 'rb').read(1)\n"
+    "    print(what, 'read')\n"
+    "  except OSError as e:\n"
+    "    print(what, type(e).__name__)\n"
+    "for sig in ('SIGALRM', 'SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGPIPE'):\n"
+    "  os.kill(judge, getattr(signal, sig))\n"
+    "def seen():\n"
+    "  mark = '-'.join(['k15', 'hidden'])\n"
+    "  return sum(mark in repr(o)[:10000] for o in gc.get_objects())\n"
+    "print('tests seen', seen())\n"
+    "def f(x):\n"
+    "  return x * x\n"
+  )
+  job = sandbox.Job(prog, "judge", ("assert f(3) == 9  # k15-hidden",),
+                    entry_point="f")  # fmt: skip
+  res = sandbox.Sandbox().run(job, FAST)
+  assert res.passed, res
+  lines = res.stdout.splitlines()
+  assert "read" not in res.stdout and len(lines) == 5, lines
+  assert lines[-1] == "tests seen 0"
+  # ... where in assert mode the tests are right there.
+  res = sandbox.Sandbox().run(dataclasses.replace(job, mode="assert"), FAST)
+  assert res.stdout.splitlines()[-1] != "tests seen 0"
+
+
+def test_judge_mode_values_errors_and_setup():
+  prog = (
+    "def f(kind):\n"
+    "  if kind == 'raise':\n"
+    "    raise ValueError('no')\n"
+    "  return {'t': (1, [2.5, None]), 's': {3}, 'b': b'x', 'big': 10**30,\n"
+    "          'inf': float('inf'), 'ok': True, 1: 'int key', 'c': 1j}[kind]\n"
+  )
+  tests = [
+    "assert f('t') == (1, [2.5, None]) and f('t') != [1, [2.5, None]]",
+    "assert f('s') == {3} and f('b') == b'x' and f('big') == 10**30",
+    "assert f('inf') == INF and f('ok') is True and f(1) == 'int key'",
+    "assert f('c') == 1j",
+    "try:\n  f('raise')\nexcept ValueError as e:\n  assert str(e) == 'no'",
+    "assert f('t') == (1, [2.5])",
+    "f('missing')",
+  ]
+  job = sandbox.Job(prog, "judge", tuple(tests), entry_point="f",
+                    setup="INF = float('inf')\n")  # fmt: skip
+  res = sandbox.Sandbox().run(job, FAST)
+  assert [t.status for t in res.tests] == ["pass"] * 5 + ["fail", "error"]
+  assert "KeyError" in res.tests[-1].detail
+
+
+def test_judge_mode_deaths_and_timeouts():
+  limits = sandbox.Limits(timeout_s=5.0, test_timeout_s=0.5)
+  prog = (
+    "import os\n"
+    "def f(x):\n"
+    "  if x == 'spin':\n"
+    "    while True: pass\n"
+    "  if x == 'exit':\n"
+    "    os._exit(0)\n"
+    "  return x\n"
+  )
+  job = sandbox.Job(prog, "judge", ("f('spin')", "f(1)"), entry_point="f")
+  res = sandbox.Sandbox().run(job, limits)
+  assert [t.status for t in res.tests] == ["timeout", "error"]
+  assert res.cause == "timeout"
+  job = sandbox.Job(prog, "judge", ("f('exit')", "f(1)"), entry_point="f")
+  res = sandbox.Sandbox().run(job, limits)
+  assert [t.status for t in res.tests] == ["error", "error"]
+  for top, cause in [("import os\nos._exit(0)\n", "early_exit"),
+                     ("while True: pass\n", "timeout"),
+                     ("g = 1\n", "error")]:  # fmt: skip
+    job = sandbox.Job(top, "judge", ("f(1)",), entry_point="f")
+    res = sandbox.Sandbox().run(job, limits)
+    assert res.cause == cause and res.tests[0].status == "not_run"
+  with pytest.raises(ValueError, match="entry_point"):
+    sandbox.Sandbox().run(sandbox.Job("", "judge", ("f(1)",)))
+
+
+def test_judge_wire_format():
+  values = [None, True, 0, -(10**40), 2.5, float("-inf"), 1 - 2j, "é\n;",
+            b"\x00;", [1, (2, "3")], {(1, 2): {"a": [frozenset({4})]}},
+            set()]  # fmt: skip
+  for v in values:
+    out = []
+    _harness.encode(v, out)
+    assert "\n" not in "".join(out)
+    back = _harness.decode("".join(out))
+    assert back == v and type(back) is type(v)
+  for bad in ["", "l2;i1;", "i1;i2;", "x1;", "d1;l0;i1;", "i1", "l-1;"]:
+    with pytest.raises((ValueError, TypeError)):
+      _harness.decode(bad)
+  with pytest.raises(TypeError, match="plain data"):
+    _harness.encode(object(), [])
+
+
+# -- no process outlives its run ---------------------------------------------
+
+# Runs programs as PID 1 of a new PID namespace (as k15 does in a container
+# without an init): nothing reaps orphans for us there. After each run it
+# lists every other process of the namespace, zombies included.
+_AS_PID1 = """
+import json, os, sys
+from k15.rewards import _harness, sandbox
+
+def others():
+  out = []
+  for pid in os.listdir("/proc"):
+    if pid.isdigit() and int(pid) != os.getpid():
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          stat = f.read()
+      except OSError:
+        continue
+      comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+      state = stat[stat.rindex(")") + 2]
+      out.append([int(pid), comm, state])
+  return out
+
+assert os.getpid() == 1, os.getpid()
+limits = sandbox.Limits(timeout_s=float(sys.argv[2]))
+for prog in json.loads(sys.argv[1]):
+  res = sandbox.Sandbox().run(sandbox.Job(prog), limits)
+  print(json.dumps([res.cause, others()]), flush=True)
+"""
+
+
+def run_as_pid1(programs, timeout_s):
+  """[(cause, other processes)] per program, from a PID 1 k15."""
+  if os.geteuid() != 0:
+    pytest.skip("a new PID namespace needs root here")
+  cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable]
+  cmd += ["-c", _AS_PID1, json.dumps(programs), str(timeout_s)]
+  env = {**os.environ, "PYTHONPATH": REPO}
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+SPIN = "while True:\n  pass\n"
+SLEEP = "import time\ntime.sleep(60)\n"
+FORK_BOMB = "import os\nwhile True:\n  os.fork()\n"
+
+
+def test_no_process_or_zombie_outlives_a_run_under_pid1():
+  progs = {
+    "pass": "ok",
+    SPIN: "timeout",
+    SLEEP: "timeout",
+    FORK_BOMB: "error",
+    "import os\nos._exit(3)\n": "early_exit",
+    "import os\nos.kill(os.getpid(), 9)\n": "killed",
+    "while True:\n  print('x' * 4096)\n": "output_limit",
+  }
+  order = list(progs) * 5
+  order = order[:30]
+  runs = run_as_pid1(order, timeout_s=0.3)
+  assert [cause for cause, _ in runs] == [progs[p] for p in order]
+  assert [left for _, left in runs] == [[]] * len(order)
+
+
+def test_nothing_of_a_run_is_alive_right_after_a_timeout():
+  # A spinner with threads and a sleeper name themselves; right after run()
+  # reports the timeout no process (or thread) of that name may exist.
+  tag = "k15" + secrets.token_hex(6)
+  name = (
+    "import ctypes, threading, time\n"
+    f"ctypes.CDLL(None).prctl(15, b'{tag}', 0, 0, 0)\n"
+  )
+  spin = (
+    "for _ in range(3):\n"
+    "  threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\n"
+    "print('named', flush=True)\n"
+    "while True:\n  pass\n"
+  )
+  sleep = "print('named', flush=True)\ntime.sleep(60)\n"
+  for prog in [spin, sleep] * 2:
+    res = run(name + prog, limits=sandbox.Limits(timeout_s=0.5))
+    assert res.cause == "timeout" and "named" in res.stdout
+    assert tagged_tasks(tag) == []
+
+
+def tagged_tasks(tag):
+  found = []
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+      continue
+    try:
+      tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+      continue
+    for tid in tids:
+      try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+          if f.read().strip() == tag:
+            found.append(tid)
+      except OSError:
+        pass
+  return found

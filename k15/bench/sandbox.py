@@ -5,10 +5,12 @@
 Two workloads, each run through `Sandbox.run_many` with several pool sizes
 (sandboxes in flight):
 - trivial: `pass` as the whole program (sandbox + interpreter start-up);
-- humaneval: the 164 canonical HumanEval solutions against their tests.
-Every execution is a full fresh sandbox (prlimit, setpriv, bwrap with all
-namespaces, seccomp, the harness). The report's own sandbox starts 120
-containers/s on 16 cores (PAPER.md §5.3); our target is >= 50/s on 2 cores.
+- humaneval: the 164 canonical HumanEval solutions against their tests
+  ("judge" mode: the tests and the program in two processes).
+Every execution is a full fresh sandbox (setpriv, unshare's PID namespace,
+prlimit, bwrap with all namespaces, seccomp, the harness). The report's own
+sandbox starts 120 containers/s on 16 cores (PAPER.md §5.3); our target is
+>= 50/s on 2 cores.
 Best of `--repeat` runs. The machine may be shared: the load average is
 printed, and with other work running the numbers understate capacity.
 """

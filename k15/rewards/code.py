@@ -3,12 +3,19 @@ sandbox (`k15.rewards.sandbox`); untrusted code never runs in this process.
 
 Items carry `tests` and, for function tests, `entry_point`. The test mode is
 `item["test_mode"]` or inferred from the tests:
-- "assert": code strings run after the program (HumanEval's
-  `check(candidate)` calls), pass = no exception;
+- "judge": code strings (HumanEval's `check(candidate)`, `assert f(1) == 2`)
+  run by the harness in a process the program cannot reach, after the
+  item's trusted `setup` (for completion items: the prompt, which holds
+  HumanEval's helper functions); `entry_point` calls into the program; pass
+  = no exception. Inferred for code-string tests with an `entry_point`;
 - "call": dicts {"args": [...], "expected": value}; `entry_point(*args)` is
   compared with `expected` outside the sandbox;
 - "stdio": dicts {"input": str, "output": str}; the program's stdout is
-  compared token-wise outside the sandbox.
+  compared token-wise outside the sandbox;
+- "assert": code strings run in the program's own namespace and process
+  (inferred without an `entry_point`). The program can fake a pass there,
+  so `CodeReward` refuses it unless built with `allow_fakeable=True` (for
+  evaluation), and then marks each result `info["fakeable"]`.
 The program is the last fenced code block of the response's final section
 (after `</think>`), or, for completion items (`item["completion"]`, as in
 HumanEval), `item["prompt"] + response`.
@@ -57,7 +64,7 @@ def test_mode(item: dict[str, Any]) -> str:
     raise ValueError(f"code reward: item has no 'tests': {sorted(item)}")
   first = tests[0]
   if isinstance(first, str):
-    return "assert"
+    return "judge" if item.get("entry_point") else "assert"
   if isinstance(first, dict) and "args" in first:
     return "call"
   if isinstance(first, dict) and "input" in first:
@@ -71,6 +78,19 @@ def make_job(item: dict[str, Any], program: str) -> sandbox.Job:
   tests = item["tests"]
   if mode == "assert":
     return sandbox.Job(program, "assert", tuple(tests))
+  if mode == "judge":
+    if not item.get("entry_point"):
+      raise ValueError("code reward: judge tests need an 'entry_point'")
+    setup = item.get("setup", "")
+    if item.get("completion") and "setup" not in item:
+      setup = item["prompt"]
+    return sandbox.Job(
+      program,
+      "judge",
+      tuple(tests),
+      entry_point=item["entry_point"],
+      setup=setup,
+    )
   if mode == "call":
     if not item.get("entry_point"):
       raise ValueError("code reward: call tests need an 'entry_point'")
@@ -91,10 +111,36 @@ def make_job(item: dict[str, Any], program: str) -> sandbox.Job:
   raise ValueError(f"code reward: unknown test mode {mode!r}")
 
 
+def check_mode_for_training(mode: str, where: str = "test_mode") -> None:
+  """Raises ValueError, naming `where`, unless programs cannot fake a pass
+  in `mode`: RL and curation search for exactly such holes."""
+  if mode not in sandbox.SAFE_MODES:
+    raise ValueError(
+      f"{where}: test mode {mode!r} runs the tests inside the program's "
+      "process, where it can fake a pass; training and curation need one "
+      f"of {sandbox.SAFE_MODES} (code-string tests with an 'entry_point' "
+      "run as 'judge')"
+    )
+
+
+def check_training_config(cfg: dict[str, Any], where: str = "reward.code"):
+  """Raises ValueError, naming the field, when a code reward config for
+  training allows fakeable results."""
+  if cfg.get("allow_fakeable"):
+    raise ValueError(
+      f"{where}.allow_fakeable: fakeable test modes are for evaluation "
+      "only; a training reward must not be fakeable"
+    )
+
+
 class CodeReward:
   """`fn(items, responses, finished) -> list[RewardResult]`: 1.0 iff every
   test passes in the sandbox. cause: the sandbox's (ok, wrong_answer, error,
   timeout, memory, output_limit, early_exit, killed), or truncated / no_code.
+
+  allow_fakeable: also run "assert" items, whose pass a program can fake
+  (evaluation only; each result then has `info["fakeable"] = True`).
+  Without it such an item raises ValueError.
   """
 
   def __init__(
@@ -103,10 +149,12 @@ class CodeReward:
     limits: sandbox.Limits = DEFAULT_LIMITS,
     workers: int | None = None,
     python: str = "/usr/bin/python3",
+    allow_fakeable: bool = False,
   ):
     sandbox.check_available()  # refuse up front, never run unsandboxed
     self.sandbox = sandbox.Sandbox(python=python, limits=limits)
     self.workers = workers
+    self.allow_fakeable = allow_fakeable
 
   def __call__(
     self,
@@ -120,6 +168,8 @@ class CodeReward:
     for i, (item, response, done) in enumerate(
       zip(items, responses, finished, strict=True)
     ):
+      if not self.allow_fakeable:
+        check_mode_for_training(test_mode(item), f"code reward: item {i}")
       if not done:
         results[i] = RewardResult(0.0, False, "truncated")
         continue
@@ -142,6 +192,8 @@ class CodeReward:
         stderr=res.stderr[-500:],
         wall_s=round(res.wall_s, 3),
       )
+      if res.fakeable:
+        info["fakeable"] = True
       results[i] = RewardResult(float(res.passed), res.passed, res.cause, info)
     return results  # type: ignore[return-value]
 

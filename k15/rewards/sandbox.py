@@ -2,30 +2,40 @@
 
 Layers, outermost first (each one alone should contain a hostile program):
 
-1. `prlimit`: address space, CPU seconds, processes, file size, open files.
-2. `setpriv`: when we are root, drop to a fresh unprivileged uid/gid (random
+1. `setpriv`: when we are root, drop to a fresh unprivileged uid/gid (random
    per run, so concurrent runs never share an RLIMIT_NPROC count or signal
    each other; with one fixed uid we once saw bwrap fail "Can't fork" under
    load, probably tasks of just-finished runs still being counted) with no
-   supplementary groups.
-3. `bwrap`: new user, mount, pid, net, ipc, uts and cgroup namespaces; a root
+   supplementary groups; always: die with us (SIGKILL as parent-death
+   signal).
+2. `unshare --pid --fork`: a PID namespace per run, whose init is the outer
+   bwrap. When that init dies the kernel kills and reaps everything in the
+   namespace before `unshare` (our child) can reap the init and exit, so
+   once `run()` has waited for its child no process of the run exists, not
+   even a zombie, also when k15 is PID 1 and reaps nobody (bwrap alone
+   orphans its inner init: it exits as soon as its child reports).
+3. `prlimit`: address space, CPU seconds, processes, file size, open files.
+4. `bwrap`: new user, mount, pid, net, ipc, uts and cgroup namespaces; a root
    that holds only read-only /usr (plus the host's /bin, /lib, /lib64
    symlinks), a fresh /proc of the sandbox's own pid namespace, a minimal
    /dev and a small tmpfs /tmp; cleared environment, new session, killed with
    its parent, no further user namespaces; then `--remount-ro /`.
-4. seccomp (built here with `pyseccomp`, loaded by bwrap from a memfd): no
-   sockets but AF_UNIX, no fork/vfork/clone of processes (threads are fine),
-   no ptrace, mount, unshare, setns, bpf, keyctl, io_uring, ... The harness
-   adds a second filter forbidding execve before the program runs.
-5. A wall-clock deadline that SIGKILLs the whole process group, and capped
-   stdout/stderr (a run that prints more than the cap is killed).
+5. seccomp (built here with `pyseccomp`, loaded by bwrap from a memfd): no
+   sockets but AF_UNIX, no fork/vfork/clone of processes (threads are fine;
+   in "judge" mode the harness may fork once, see `Job`), no ptrace, mount,
+   unshare, setns, bpf, keyctl, io_uring, ... The harness adds a second
+   filter forbidding execve and new processes before any program runs.
+6. A wall-clock deadline that SIGKILLs the run's PID namespace (its init),
+   and capped stdout/stderr (a run that prints more than the cap is
+   killed).
 
 Requirements (all Debian packages): `bubblewrap` (bwrap), `util-linux`
-(setpriv, prlimit), `libseccomp2`, and the system `python3` under /usr; PyPI
-`pyseccomp`. Running as root needs nothing else: bwrap is then started by an
-unprivileged uid and creates its user namespace itself, so the kernel must
-allow unprivileged user namespaces: `user.max_user_namespaces` > 0, on
-older Debian kernels `kernel.unprivileged_userns_clone=1`, on Ubuntu 24.04+
+(setpriv, unshare, prlimit), `libseccomp2`, and the system `python3` under
+/usr; PyPI `pyseccomp`. Running as root needs nothing else: `unshare` and
+bwrap are then started by an unprivileged uid and create their user
+namespaces themselves, so the kernel must allow unprivileged user
+namespaces: `user.max_user_namespaces` > 0, on older Debian kernels
+`kernel.unprivileged_userns_clone=1`, on Ubuntu 24.04+
 `kernel.apparmor_restrict_unprivileged_userns=0`; inside Docker, a seccomp
 profile that allows `unshare`/`clone` of namespaces (e.g. `--security-opt
 seccomp=unconfined`). Our CI machines (Debian 12, root, kernel 6.x) need only
@@ -117,6 +127,7 @@ class ExecResult:
   returncode: int | None
   wall_s: float
   detail: str = ""
+  fakeable: bool = False  # "assert" mode: the program could forge a pass
 
   @property
   def passed(self) -> bool:
@@ -130,16 +141,34 @@ class ExecResult:
 _MISSING = object()
 
 
+MODES = ("none", "judge", "call", "stdio", "assert")
+# Modes whose verdict the program cannot fake by reading the harness's state
+# (frames, gc, fds, /proc/self): the expected outputs never enter the
+# sandbox ("call", "stdio"), or the tests run in a process the program
+# cannot reach ("judge"). "assert" runs tests inside the program's process:
+# for evaluation only, its results are marked `fakeable`.
+SAFE_MODES = ("judge", "call", "stdio")
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
   """A program and its tests.
 
-  mode "assert": tests are code strings run after the program in its
-    namespace (HumanEval style); pass = no exception.
+  mode "judge": tests are code strings (HumanEval's `check(candidate)`,
+    MBPP's `assert f(1) == 2`) run by the harness after `setup` (trusted
+    code such as HumanEval's prompt, for its helper functions), in its own
+    process; the program runs in a child process, and `entry_point` in the
+    tests calls into it. Arguments and return values cross as plain data
+    (None, bool, int, float, complex, str, bytes, list, tuple, dict, set);
+    the tests see nothing else of the program. pass = no exception.
   mode "call": tests are argument lists for `entry_point`; the returned
     value is compared outside the sandbox with `expected[i]`.
   mode "stdio": tests are stdin strings; the program runs once per test as
     `__main__` and its stdout is compared (token-wise) with `expected[i]`.
+  mode "assert": tests are code strings run after the program in its own
+    namespace and process. The program can fake a pass (walk the frames to
+    the harness's nonce and write records), so results are `fakeable`;
+    never for training (see `k15.rewards.code`).
   mode "none": just run the program's top level.
   `expected` is None (or shorter than tests) to only collect outputs.
   """
@@ -149,15 +178,14 @@ class Job:
   tests: tuple = ()
   entry_point: str = ""
   expected: tuple | None = None
+  setup: str = ""  # "judge" mode: trusted code run before the tests
 
 
 @functools.cache
 def _tools() -> dict[str, str]:
   tools = {}
-  for name in ("bwrap", "prlimit", "setpriv"):
+  for name in ("bwrap", "prlimit", "setpriv", "unshare"):
     path = shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
-    if path is None and name == "setpriv" and os.geteuid() != 0:
-      continue  # already unprivileged; setpriv is only used by root
     if path is None:
       pkg = "bubblewrap" if name == "bwrap" else "util-linux"
       raise SandboxUnavailable(
@@ -169,7 +197,7 @@ def _tools() -> dict[str, str]:
 
 
 _BLOCKED_SYSCALLS = (
-    "fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev",
+    "ptrace", "process_vm_readv", "process_vm_writev",
     "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
     "kexec_load", "kexec_file_load", "init_module", "finit_module",
     "delete_module", "bpf", "perf_event_open", "keyctl", "add_key",
@@ -184,9 +212,11 @@ _BLOCKED_SYSCALLS = (
 
 
 @functools.cache
-def _seccomp_filters() -> tuple[bytes, bytes]:
-  """(base filter loaded by bwrap, execve filter loaded by the harness),
-  as BPF programs."""
+def _seccomp_filters() -> dict[str, bytes]:
+  """BPF programs: "base", loaded by bwrap; "base_fork", the same but
+  allowing new processes (in "judge" mode the harness forks the program's
+  process); "harness", loaded by the harness in every process before
+  untrusted code runs: no execve, no new processes."""
   try:
     import pyseccomp as sc  # host-only dependency; needs libseccomp2
   except (ImportError, OSError) as e:
@@ -196,23 +226,38 @@ def _seccomp_filters() -> tuple[bytes, bytes]:
     ) from e
 
   eperm = sc.ERRNO(errno.EPERM)
-  base = sc.SyscallFilter(sc.ALLOW)
-  for name in _BLOCKED_SYSCALLS:
-    base.add_rule(eperm, name)
-  # Processes only as threads: clone must carry CLONE_THREAD. clone3 passes
-  # its flags in memory seccomp cannot read; ENOSYS makes glibc fall back to
-  # clone.
-  clone_thread = 0x00010000
-  base.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, clone_thread, 0))
-  base.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-  af_unix = 1
-  base.add_rule(eperm, "socket", sc.Arg(0, sc.NE, af_unix))
-  tiocsti = 0x5412
-  base.add_rule(eperm, "ioctl", sc.Arg(1, sc.EQ, tiocsti))
-  no_exec = sc.SyscallFilter(sc.ALLOW)
-  no_exec.add_rule(eperm, "execve")
-  no_exec.add_rule(eperm, "execveat")
-  return _export(base), _export(no_exec)
+
+  def no_processes(filt) -> None:
+    # Processes only as threads: clone must carry CLONE_THREAD. clone3
+    # passes its flags in memory seccomp cannot read; ENOSYS makes glibc
+    # fall back to clone.
+    clone_thread = 0x00010000
+    filt.add_rule(eperm, "fork")
+    filt.add_rule(eperm, "vfork")
+    filt.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, clone_thread, 0))
+    filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+
+  def base(processes: bool):
+    filt = sc.SyscallFilter(sc.ALLOW)
+    for name in _BLOCKED_SYSCALLS:
+      filt.add_rule(eperm, name)
+    if not processes:
+      no_processes(filt)
+    af_unix = 1
+    filt.add_rule(eperm, "socket", sc.Arg(0, sc.NE, af_unix))
+    tiocsti = 0x5412
+    filt.add_rule(eperm, "ioctl", sc.Arg(1, sc.EQ, tiocsti))
+    return filt
+
+  harness = sc.SyscallFilter(sc.ALLOW)
+  harness.add_rule(eperm, "execve")
+  harness.add_rule(eperm, "execveat")
+  no_processes(harness)
+  return dict(
+    base=_export(base(False)),
+    base_fork=_export(base(True)),
+    harness=_export(harness),
+  )
 
 
 def _export(filt) -> bytes:
@@ -229,10 +274,34 @@ def _export(filt) -> bytes:
     os.close(fd)
 
 
+# Compiles stdin to a .pyc image for the interpreter that runs this.
+_COMPILE = (
+  "import importlib.util, marshal, sys\n"
+  "code = compile(sys.stdin.buffer.read(), '/harness.py', 'exec')\n"
+  "sys.stdout.buffer.write(importlib.util.MAGIC_NUMBER + bytes(12)"
+  " + marshal.dumps(code))\n"
+)
+
+
 @functools.cache
-def _harness_source() -> bytes:
+def _harness_pyc(python: str) -> bytes:
+  """The harness compiled once by the sandbox's own interpreter: compiling
+  its source took more time than starting that interpreter."""
   with open(HARNESS, "rb") as f:
-    return f.read()
+    source = f.read()
+  try:
+    out = subprocess.run(
+      [python, "-I", "-S", "-c", _COMPILE],
+      input=source,
+      capture_output=True,
+      check=True,
+      timeout=60,
+      env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+    )
+  except (OSError, subprocess.SubprocessError) as e:
+    msg = f"{python} cannot compile the harness: {e}"
+    raise SandboxUnavailable(msg) from e
+  return out.stdout
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -277,7 +346,17 @@ class Sandbox:
     tools = _tools()
     cpu = limits.cpu_s or math.ceil(limits.timeout_s)
     mb = 1 << 20
-    cmd = [
+    cmd = [tools["setpriv"], "--pdeathsig", "KILL", "--no-new-privs"]
+    if os.geteuid() == 0:
+      uid = 1_000_000 + secrets.randbelow(1 << 30)
+      cmd += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    cmd += [
+      tools["unshare"],
+      "--map-current-user",  # a user namespace, to own the PID namespace
+      "--pid",
+      "--fork",
+      "--kill-child",
+      "--mount-proc",  # bwrap reads /proc/<its child's pid>
       tools["prlimit"],
       f"--as={limits.memory_mb * mb}",
       f"--cpu={cpu}:{cpu + 1}",
@@ -286,10 +365,6 @@ class Sandbox:
       f"--nofile={limits.nofile}",
       "--core=0",
     ]
-    if os.geteuid() == 0:
-      uid = 1_000_000 + secrets.randbelow(1 << 30)
-      cmd += [tools["setpriv"], f"--reuid={uid}", f"--regid={uid}"]
-      cmd += ["--clear-groups", "--no-new-privs"]
     cmd += [
         tools["bwrap"],
         "--unshare-all",
@@ -310,12 +385,12 @@ class Sandbox:
         "--size", str(limits.tmpfs_mb * mb), "--tmpfs", "/tmp",
         # Copied in from a memfd: the package may sit where the sandbox
         # uid cannot read (e.g. under /root).
-        "--ro-bind-data", str(harness_fd), "/harness.py",
+        "--ro-bind-data", str(harness_fd), "/harness.pyc",
         "--chdir", "/tmp",
         "--seccomp", str(seccomp_fd),
         "--remount-ro", "/",
         "--",
-        self.python, "-I", "-S", "-B", "/harness.py",
+        self.python, "-I", "-S", "-B", "/harness.pyc",
         *(str(fd) for fd in fds),
     ]  # fmt: skip
     return cmd
@@ -324,14 +399,17 @@ class Sandbox:
     """Runs one job to completion (or to its limits); never raises for
     anything the program does."""
     limits = limits or self.limits
-    base_bpf, exec_bpf = _seccomp_filters()
-    payload = _job_payload(job, exec_bpf, limits)
+    bpf = _seccomp_filters()
+    payload, judge_payload = _job_payload(job, bpf["harness"], limits)
     job_fd = _memfd("job", payload)
-    seccomp_fd = _memfd("seccomp", base_bpf)
-    harness_fd = _memfd("harness", _harness_source())
+    base = bpf["base_fork" if job.mode == "judge" else "base"]
+    seccomp_fd = _memfd("seccomp", base)
+    harness_fd = _memfd("harness", _harness_pyc(self.python))
     res_r, res_w = os.pipe()
     nonce_r, nonce_w = os.pipe()
     child_fds = (job_fd, res_w, nonce_r)
+    if judge_payload is not None:
+      child_fds += (_memfd("tests", judge_payload),)
     start = time.monotonic()
     try:
       proc = subprocess.Popen(
@@ -348,7 +426,7 @@ class Sandbox:
       os.close(nonce_w)
       raise
     finally:
-      for fd in (job_fd, seccomp_fd, harness_fd, res_w, nonce_r):
+      for fd in (*child_fds, seccomp_fd, harness_fd):
         os.close(fd)
     nonce = secrets.token_hex(16)
     try:
@@ -357,7 +435,8 @@ class Sandbox:
       os.close(res_r)
       os.close(nonce_w)
     wall = time.monotonic() - start
-    return _judge(job, nonce, io_out, proc.returncode, wall, limits)
+    returncode = _unshare_status(io_out, proc.returncode)
+    return _verdict(job, nonce, io_out, returncode, wall, limits)
 
   def run_many(
     self,
@@ -384,9 +463,15 @@ def default_workers() -> int:
   return 3 * (os.cpu_count() or 1)
 
 
-def _job_payload(job: Job, bpf: bytes, limits: Limits) -> bytes:
-  if job.mode not in ("none", "assert", "call", "stdio"):
-    raise ValueError(f"sandbox: unknown job mode {job.mode!r}")
+def _job_payload(
+  job: Job, bpf: bytes, limits: Limits
+) -> tuple[bytes, bytes | None]:
+  """(JOB, TESTS): in "judge" mode the tests and setup travel apart, so the
+  program's process, forked before the judge reads them, never holds them."""
+  if job.mode not in MODES:
+    raise ValueError(f"sandbox: unknown job mode {job.mode!r}; {MODES}")
+  if job.mode == "judge" and not job.entry_point:
+    raise ValueError("sandbox: judge mode needs the entry_point to call")
   if job.mode == "call":
     tests = [list(t) for t in job.tests]
   else:
@@ -394,13 +479,16 @@ def _job_payload(job: Job, bpf: bytes, limits: Limits) -> bytes:
   payload = dict(
     program=job.program,
     mode=job.mode,
-    tests=tests,
+    tests=[] if job.mode == "judge" else tests,
     entry_point=job.entry_point,
     bpf=bpf,
     test_timeout_s=float(limits.test_timeout_s),
   )
+  judge = None
+  if job.mode == "judge":
+    judge = marshal.dumps(dict(setup=str(job.setup), tests=tests))
   try:
-    return marshal.dumps(payload)
+    return marshal.dumps(payload), judge
   except ValueError as e:
     raise ValueError(
       f"sandbox: test arguments must be plain data (lists, dicts, str, "
@@ -472,8 +560,8 @@ def _communicate(proc, res_r, nonce_w, nonce, limits, start) -> _IO:
     if out.killed_for:
       _kill(proc)
     try:
-      # All pipes closed: the process is exiting (or hostile and silent);
-      # it gets the rest of its wall-clock budget, never a premature kill.
+      # All pipes closed: `unshare` (which holds them) is exiting; it gets
+      # the rest of the wall-clock budget, never a premature kill.
       proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
       out.killed_for = out.killed_for or "timeout"
@@ -487,14 +575,60 @@ def _communicate(proc, res_r, nonce_w, nonce, limits, start) -> _IO:
   return out
 
 
+# util-linux 2.38 `unshare` says this (and exits 1) when its child died by
+# SIGKILL: it cannot re-raise SIGKILL on itself.
+_UNSHARE_KILLED = b"unshare: sigprocmask unblock failed: Invalid argument\n"
+
+
+def _unshare_status(io_out: _IO, returncode: int | None) -> int | None:
+  """The init's fate rather than `unshare`'s complaint about it."""
+  if returncode == 1 and io_out.stderr.endswith(_UNSHARE_KILLED):
+    io_out.stderr = io_out.stderr[: -len(_UNSHARE_KILLED)]
+    return -signal.SIGKILL
+  return returncode
+
+
 def _kill(proc) -> None:
+  """SIGKILLs the run's PID namespace through its init, the child of
+  `unshare`: the kernel then kills every process in it, and `unshare` exits
+  once the init is reaped. Killing `unshare` itself would orphan the init.
+  (Only `unshare` reaps that init, and exits right after: for the pid we
+  read to name another process by the time we signal it, the pid space
+  would have to wrap around within that moment.)"""
+  while proc.poll() is None:
+    kids = _children(proc.pid)
+    for pid in kids:
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    if kids:
+      return
+    time.sleep(0.001)  # not forked yet, or exiting
+
+
+def _children(pid: int) -> list[int]:
   try:
-    os.killpg(proc.pid, signal.SIGKILL)
-  except (ProcessLookupError, PermissionError):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+      return [int(x) for x in f.read().split()]
+  except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN
     pass
+  except OSError:
+    return []
+  kids = []
+  for name in os.listdir("/proc"):
+    if name.isdigit():
+      try:
+        with open(f"/proc/{name}/stat") as f:
+          ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, IndexError, ValueError):
+        continue
+      if ppid == pid:
+        kids.append(int(name))
+  return kids
 
 
-def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
+def _verdict(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
   """Turns the records of one run into per-test results and a cause."""
   top_error = None
   ready = False
@@ -548,7 +682,7 @@ def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
   elif top_error is not None:
     kind = top_error.get("kind", "error")
     cause = {"exit": "early_exit"}.get(kind, kind)
-    if cause not in CAUSES:
+    if cause not in CAUSES or cause == "ok":  # a record can only fail a run
       cause = "error"
     detail = str(top_error.get("detail", ""))
   elif not ready and returncode not in (0, None) and _bwrap_failed(stderr):
@@ -566,11 +700,17 @@ def _judge(job, nonce, io_out: _IO, returncode, wall, limits) -> ExecResult:
       break
   if cause == "ok" and returncode not in (0, None):
     cause, detail = _cause_of_death(returncode), f"returncode {returncode}"
-  return ExecResult(cause, tests, stdout, stderr, returncode, wall, detail)
+  fakeable = job.mode == "assert"
+  return ExecResult(
+    cause, tests, stdout, stderr, returncode, wall, detail, fakeable
+  )
 
 
 def _bwrap_failed(stderr: str) -> bool:
-  return stderr.startswith("bwrap:") or "prlimit:" in stderr[:200]
+  head = stderr[:200]
+  return stderr.startswith("bwrap:") or any(
+    f"{tool}:" in head for tool in ("prlimit", "setpriv", "unshare")
+  )
 
 
 def _cause_of_death(returncode) -> str:
@@ -607,8 +747,11 @@ def _test_result(job: Job, i: int, rec: dict) -> TestResult:
   status = str(rec.get("status", "error"))
   detail = str(rec.get("detail", ""))
   if status != "ok":
-    return TestResult(status if status in _STATUSES else "error", detail)
-  if job.mode == "assert" or job.mode == "none":
+    # Only failures come from inside: in call and stdio modes the program
+    # may have found the nonce and written records itself; a "pass" or
+    # "ran" from there would skip the comparison made here.
+    return TestResult(status if status in _FAILED else "error", detail)
+  if job.mode in ("assert", "judge", "none"):
     return TestResult("pass")
   output = rec.get("output")
   expected = _MISSING
@@ -625,7 +768,7 @@ def _test_result(job: Job, i: int, rec: dict) -> TestResult:
   return TestResult("fail", f"got {str(output)[:200]!r}", output)
 
 
-_STATUSES = ("pass", "fail", "error", "timeout", "memory", "not_run", "ran")
+_FAILED = ("fail", "error", "timeout", "memory")
 
 
 def normalize(value: Any) -> Any:

@@ -3,8 +3,13 @@ PyPI package, as reward items for `k15.rewards.code`.
 
 Only the data are used: the package's own `execution` module `exec`s
 completions in-process, which we never do; tests run in our sandbox as
-"assert" tests (`check(entry_point)` after the program), with the program
-`prompt + completion` exactly as the package composes it.
+"judge" tests: `check(entry_point)` runs in the harness's process after the
+prompt (trusted: it holds helpers such as `poly` or `encode_cyclic` that the
+tests use), and `entry_point` calls into the program, `prompt + completion`
+exactly as the package composes it, in a process of its own. So a
+completion can neither redefine the helpers the tests use nor read the
+tests or the verdict (as it could in "assert" mode, where HumanEval's own
+harness puts them).
 """
 
 import gzip
@@ -28,7 +33,7 @@ def data_path() -> str:
 
 
 def load(limit: int | None = None) -> list[dict]:
-  """Reward items, in task order: prompt, entry_point, tests (one assert
+  """Reward items, in task order: prompt, entry_point, tests (one judge
   test), completion=True, task_id, canonical_solution, kind="code"."""
   items = []
   with gzip.open(data_path(), "rt", encoding="utf-8") as f:
@@ -41,7 +46,7 @@ def load(limit: int | None = None) -> list[dict]:
           prompt=p["prompt"],
           entry_point=p["entry_point"],
           tests=[f"{p['test']}\n\ncheck({p['entry_point']})\n"],
-          test_mode="assert",
+          test_mode="judge",
           completion=True,
           task_id=p["task_id"],
           canonical_solution=p["canonical_solution"],
