@@ -96,7 +96,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_scan_sees_the_known_edges():
   g = _graph()
-  assert "k15.sampler" in g["k15.rollout"]
+  assert "k15.sampler" in g["k15.rollout.generation"]
+  assert "k15.stages.common" in g["k15.stages.rl"]
   assert "k15.model" in g["k15.train"]
   assert "k15.pipeline" in g["k15.main"]  # a function-level import
 
@@ -125,3 +126,50 @@ def test_rewards_import_no_training_or_sampling():
     if any(t == f or t.startswith(f + ".") for f in NOT_FROM_REWARDS)
   )
   assert bad == []
+
+
+def _private_uses(path: str, known: set[str]) -> list[str]:
+  """`alias._name` where alias is an imported k15 module, and
+  `from k15.x import _name`: another module's private helper."""
+  tree = ast.parse(open(path).read(), path)
+  aliases, out = set(), []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      aliases |= {a.asname or a.name for a in node.names if a.name in known}
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+      "k15"
+    ):
+      for a in node.names:
+        if f"{node.module}.{a.name}" in known:
+          aliases.add(a.asname or a.name)
+        elif a.name.startswith("_"):
+          out.append(f"from {node.module} import {a.name}")
+  for node in ast.walk(tree):
+    if (
+      isinstance(node, ast.Attribute)
+      and isinstance(node.value, ast.Name)
+      and node.value.id in aliases
+      and node.attr.startswith("_")
+      and not node.attr.startswith("__")
+    ):
+      out.append(f"{node.value.id}.{node.attr}")
+  return out
+
+
+# Uses that predate this check, in modules other branches of issue #14 are
+# reworking (model.py: onepass; reward_model.py: rewards-leaf). Remove an
+# entry once its branch has merged; nothing may be added.
+KNOWN_PRIVATE_USES = {
+  "k15.hf": {"model_lib._parse_rope_scaling"},
+  "k15.rewards.reward_model": {"train._apply_if_finite"},
+}
+
+
+def test_no_private_helpers_across_modules():
+  mods = _modules()
+  bad = {}
+  for m, p in mods.items():
+    uses = set(_private_uses(p, set(mods))) - KNOWN_PRIVATE_USES.get(m, set())
+    if uses:
+      bad[m] = sorted(uses)
+  assert bad == {}
