@@ -173,3 +173,46 @@ def test_no_private_helpers_across_modules():
     if uses:
       bad[m] = sorted(uses)
   assert bad == {}
+
+
+# Who may read the environment: the entry point, the fault hooks (their
+# variables are the one way into a subprocess run), and code that builds a
+# child process's environment.
+ENV_MODULES = {"k15.main", "k15.faults"}
+ENV_FUNCTIONS = {
+  ("k15.tools.plan", "_run_child"),
+  ("k15.tools.bench.attention", "_run_one"),
+  ("k15.rewards.workers", "__init__"),  # _Worker: the worker process's env
+}
+
+
+def _env_reads(path: str) -> list[tuple[str, int]]:
+  """(enclosing function, line) of every os.environ / os.getenv."""
+  out = []
+
+  def visit(node, func):
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+      func = node.name
+    if (
+      isinstance(node, ast.Attribute)
+      and node.attr in ("environ", "getenv")
+      and isinstance(node.value, ast.Name)
+      and node.value.id == "os"
+    ):
+      out.append((func, node.lineno))
+    for child in ast.iter_child_nodes(node):
+      visit(child, func)
+
+  visit(ast.parse(open(path).read(), path), "<module>")
+  return out
+
+
+def test_only_main_faults_and_child_builders_read_the_environment():
+  bad = [
+    f"{m}:{line} ({func})"
+    for m, p in _modules().items()
+    if m not in ENV_MODULES
+    for func, line in _env_reads(p)
+    if (m, func) not in ENV_FUNCTIONS
+  ]
+  assert bad == []

@@ -119,7 +119,9 @@ def _worker(args) -> dict:
 
 def _run_one(impl: str, L: int, args) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+  root = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  )
   env["PYTHONPATH"] = os.pathsep.join(
     p for p in (root, env.get("PYTHONPATH")) if p
   )
