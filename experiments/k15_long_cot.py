@@ -39,7 +39,7 @@ def get_config(arg=None):
   # symbols (PAPER.md §10)
   # gen_rows: a 128k bf16 KV cache of 256 rows is 28 GiB per device on this
   # mesh, and decode holds it twice (layer scan xs -> ys): 512 rows needed
-  # 117 GiB, over a 95 GiB v5p chip (`--dry_run`, see k15/plan.py).
+  # 117 GiB, over a 95 GiB v5p chip (`--dry_run`, see k15/tools/plan.py).
   c.rollout = dict(k=8, prompts_per_iter=64, prompt_len=4096, budget=16_384,
                    max_len=131_072, gen_rows=256)
   c.rl = dict(iterations=200, loss="mirror_descent", tau=0.1,

@@ -691,10 +691,10 @@ def curate_file(
     tok=tok,
     model=s.model,
     sampling=sampling,
-    gen=s.gen,
+    gen=s.rollout.gen,
     shard_fn=lambda t: sharding.shard_batch(t, mesh),
   )
-  bucket = max(s.gen.prompt_buckets)
+  bucket = max(s.rollout.gen.prompt_buckets)
   with sharding.mesh_context(mesh):  # as the pipeline samples
     kept, decisions = curate(
       rows,

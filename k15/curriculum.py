@@ -59,7 +59,7 @@ class SamplerConfig:
   def __post_init__(self):
     def bad(field, why):
       value = getattr(self, field)
-      raise ValueError(f"SamplerConfig.{field}={value!r}: {why}")
+      raise ValueError(f"data.{field}={value!r}: {why}")
 
     if self.strategy not in STRATEGIES:
       bad("strategy", f"expected one of {STRATEGIES}")

@@ -26,6 +26,10 @@ class EvalConfig:
   greedy: bool = True
   max_problems: int = 0  # 0 = all
 
+  def __post_init__(self):
+    if self.num_samples < 1:
+      raise ValueError(f"eval.num_samples={self.num_samples} must be >= 1")
+
 
 def score_responses(tok: tokenizer_lib.Tokenizer,
                     gens: Sequence[rollout.Generation],

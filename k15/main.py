@@ -6,9 +6,10 @@ multi-host runs initialise `jax.distributed` first; the rest is
 `--seeds 0,1,2` it is `k15.sweep.run`, once per seed, with a results table.
 
 `--dry_run [--dry_run.hbm_gib=95] [--dry_run.devices=64]` checks the config
-against a pod instead of training (`k15.plan`): it compiles the update step
-and the sampler for the config's mesh on fake CPU devices, prints per-device
-memory and FLOPs, and exits 1 when a program needs more than hbm_gib.
+against a pod instead of training (`k15.tools.plan`): it compiles the update
+step and the sampler for the config's mesh on fake CPU devices, prints
+per-device memory and FLOPs, and exits 1 when a program needs more than
+hbm_gib.
 """
 
 import os
@@ -34,7 +35,7 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", int(os.environ.get("K15_PROCESS_ID", "0")),
     "This process's index in a multi-host run.")
 _DRY_RUN = flags.DEFINE_bool(
-    "dry_run", False, "Plan the config on fake CPU devices (k15.plan): "
+    "dry_run", False, "Plan the config on fake CPU devices (k15.tools.plan): "
     "per-device memory and FLOPs; no training, nothing allocated.")
 # absl accepts dots in flag names, so the dotted spelling is the flag itself;
 # --dry_run_hbm_gib is an alias for shells and tools that dislike dots.
@@ -63,7 +64,7 @@ def main(argv):
   import jax  # noqa: PLC0415 - after flags, so XLA_FLAGS set by a launcher apply
 
   if _DRY_RUN.value:
-    from k15 import plan  # noqa: PLC0415
+    from k15.tools import plan  # noqa: PLC0415
 
     try:
       sys.exit(plan.main(_CONFIG.value, hbm_gib=_DRY_RUN_HBM.value,
@@ -87,7 +88,8 @@ def main(argv):
     if _SEEDS.value is not None:
       command = " ".join(["python -m k15.main", *sys.argv[1:]])
       sweep.run(_CONFIG.value, _WORKDIR.value,
-                sweep.parse_seeds(_SEEDS.value), command=command)
+                sweep.parse_seeds(_SEEDS.value),
+                about=sweep.environment(command, os.environ))
     else:
       pipeline.run(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, checkpoint.CheckpointError,

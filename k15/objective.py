@@ -34,33 +34,56 @@ _GRPO_EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Static loss settings (hashable, passed to jitted code by keyword).
+  """The loss fields of the `rl` section (static: jitted code takes it by
+  keyword; `stages.rl.RLConfig` adds the loop's fields to it).
 
-  kind: "mirror_descent" (the report) | "reinforce" | "rest" | "grpo".
-  tau: the KL / l2 coefficient of mirror descent (report Eq. 2-3).
+  loss: "mirror_descent" (the report) | "reinforce" | "rest" | "grpo".
+  tau: the KL / l2 coefficient of mirror descent (report Eq. 2-3), and the
+    temperature of the logmeanexp baseline.
+  baseline: "mean" (the report) | "logmeanexp" (see `advantages`).
   normalize_length: sequence log-prob is the sum over response tokens (False,
     the report's Eq. 3) or their mean (True, length-normalised ablation).
   clip_eps: PPO ratio clip for "grpo".
   kl_coef: weight of the k3 KL estimator against `ref_logp` for "grpo".
   """
 
-  kind: str = "mirror_descent"
+  loss: str = "mirror_descent"
   tau: float = 0.1
+  baseline: str = "mean"
   normalize_length: bool = False
   clip_eps: float = 0.2
   kl_coef: float = 0.0
 
   def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(
-        f"LossConfig.kind={self.kind!r}; expected one of {KINDS}"
-      )
+    if self.loss not in KINDS:
+      raise ValueError(f"rl.loss={self.loss!r}; expected one of {KINDS}")
     if not self.tau > 0:
-      raise ValueError(f"LossConfig.tau={self.tau!r}; must be > 0")
+      raise ValueError(f"rl.tau={self.tau!r}; must be > 0")
+    if self.baseline not in BASELINES:
+      raise ValueError(
+        f"rl.baseline={self.baseline!r}; expected one of {BASELINES}"
+      )
     if not self.clip_eps >= 0:
-      raise ValueError(f"LossConfig.clip_eps={self.clip_eps!r}; must be >= 0")
+      raise ValueError(f"rl.clip_eps={self.clip_eps!r}; must be >= 0")
     if not self.kl_coef >= 0:
-      raise ValueError(f"LossConfig.kl_coef={self.kl_coef!r}; must be >= 0")
+      raise ValueError(f"rl.kl_coef={self.kl_coef!r}; must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthPenaltyConfig:
+  """The `length_penalty` section: the schedule of `length_penalty_weight`."""
+
+  schedule: str = "off"  # off | constant | linear
+  weight: float = 0.0
+  warmup: int = 0
+  ramp: int = 0
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(
+        f"length_penalty.schedule={self.schedule!r}; expected one of "
+        f"{SCHEDULES}"
+      )
 
 
 # ----------------------------------------------------------------------------
@@ -270,17 +293,17 @@ def loss(
   rho_B = seq_logp_B - jax.lax.stop_gradient(seq_ref_B)
 
   metrics = {}
-  if cfg.kind == "mirror_descent":
+  if cfg.loss == "mirror_descent":
     l_B = (adv_B - cfg.tau * rho_B) ** 2 / (2.0 * cfg.tau)
     value = wmean(l_B)
-  elif cfg.kind == "reinforce":
+  elif cfg.loss == "reinforce":
     value = wmean(-adv_B * seq_logp_B)
-  elif cfg.kind == "rest":
+  elif cfg.loss == "rest":
     sel_B = w_B * jnp.maximum(adv_B, 0.0)  # never a negative gradient
     n_sel = (sel_B > 0).sum().astype(jnp.float32)
     value = -(sel_B * seq_logp_B).sum() / jnp.maximum(n_sel, 1.0)
     metrics["selected"] = n_sel
-  elif cfg.kind == "grpo":
+  elif cfg.loss == "grpo":
     beh_BxT = jax.lax.stop_gradient(batch["behaviour_logp_BxT"])
     ref_sg_BxT = jax.lax.stop_gradient(ref_BxT)
     diff_BxT = jnp.where(mask_BxT, logp_BxT - beh_BxT, 0.0)
@@ -298,7 +321,7 @@ def loss(
       (w_B[:, None] * mask_BxT).sum(), 1.0
     )
   else:
-    raise ValueError(f"LossConfig.kind={cfg.kind!r}; expected one of {KINDS}")
+    raise ValueError(f"rl.loss={cfg.loss!r}; expected one of {KINDS}")
 
   rho_sg_B = jax.lax.stop_gradient(rho_B)
   tok_w_BxT = w_B[:, None] * mask_BxT

@@ -23,7 +23,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -72,9 +72,13 @@ def targets_of(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        seeds: Sequence[int], *, command: str = "") -> dict[str, Any]:
+        seeds: Sequence[int], *, about: dict[str, str] | None = None
+        ) -> dict[str, Any]:
   """Runs every seed (resuming finished or partial ones) and writes the
-  results files; returns the results dict (what results.json holds)."""
+  results files; returns the results dict (what results.json holds).
+
+  `about` describes the run's machine and command (`environment(...)`,
+  which `main` fills from the process environment)."""
   targets_of(config)  # a bad targets section fails before any training
   os.makedirs(workdir, exist_ok=True)
   per_seed: dict[int, dict[str, Any]] = {}
@@ -87,7 +91,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     per_seed[seed] = dict(summary, wall_s=_add_wall(seed_dir,
                                                      time.time() - t0))
   results = summarize(per_seed, targets_of(config))
-  results["environment"] = environment(command)
+  results["environment"] = about or environment()
   if jax.process_index() == 0:
     _write(workdir, results, config.get("name", ""))
   return results
@@ -150,8 +154,10 @@ def _lookup(summary: dict[str, Any], key: str) -> float | None:
   return summary["results"].get(stage, {}).get(metric)
 
 
-def environment(command: str = "") -> dict[str, str]:
-  """What the numbers depend on besides the config: CPU, flags, versions."""
+def environment(command: str = "", env: Mapping[str, str] | None = None
+                ) -> dict[str, str]:
+  """What the numbers depend on besides the config: CPU, flags (from `env`,
+  the launching process's environment), versions."""
   cpu, flags = platform.processor() or platform.machine(), ""
   try:
     with open("/proc/cpuinfo") as f:
@@ -166,7 +172,7 @@ def environment(command: str = "") -> dict[str, str]:
       flags = f" {value.strip()} "
       break
   isa = [f for f in ("avx2", "avx512f", "amx_tile") if f" {f} " in flags]
-  env = {k: os.environ.get(k, "") for k in _ENV}
+  env = {k: (env or {}).get(k, "") for k in _ENV}
   return dict(command=command or " ".join(sys.argv), cpu=cpu,
               isa=" ".join(isa) or "unknown", cores=str(os.cpu_count()),
               jax=jax.__version__, backend=jax.default_backend(),

@@ -20,6 +20,22 @@ import sentencepiece as spm
 # and writes its chain of thought, then `ANSWER_MARK answer`, then EOS.
 PROMPT_PREFIX = "Q: "
 PROMPT_SUFFIX = "\nA:"
+KINDS = ("sentencepiece", "file")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """The `tokenizer` section."""
+
+  kind: str = "sentencepiece"  # sentencepiece (trained for the task) | file
+  vocab_size: int = 64
+  path: str = ""  # kind=file: a .model or tokenizer.json
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(
+        f"tokenizer.kind={self.kind!r}; expected one of {KINDS}"
+      )
 
 
 class Tokenizer(Protocol):

@@ -127,19 +127,19 @@ def test_curriculum_is_fig9():
 def test_policy_loss_and_tau_arms():
   for loss in ARMS["policy_loss.py"][0]:
     s = pipeline.settings(_load("policy_loss.py", loss))
-    assert s.loss.kind == loss.split("=")[1]
+    assert s.rl.loss == loss.split("=")[1]
   with pytest.raises(ValueError, match="loss='ppo'"):
     _load("policy_loss.py", "loss=ppo")
   s = pipeline.settings(_load("tau.py", "tau=0.03,baseline=logmeanexp"))
-  assert (s.loss.kind, s.loss.tau, s.rl.baseline) == (
+  assert (s.rl.loss, s.rl.tau, s.rl.baseline) == (
     "mirror_descent",
     0.03,
     "logmeanexp",
   )
-  with pytest.raises(ValueError, match="tau=0.0"):
-    _load("tau.py", "tau=0")
-  with pytest.raises(ValueError, match="baseline='max'"):
-    _load("tau.py", "baseline=max")
+  with pytest.raises(ValueError, match=r"rl\.tau=0\.0"):
+    pipeline.settings(_load("tau.py", "tau=0"))
+  with pytest.raises(ValueError, match=r"rl\.baseline='max'"):
+    pipeline.settings(_load("tau.py", "baseline=max"))
 
 
 def test_prioritized_arms():

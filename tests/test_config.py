@@ -318,7 +318,7 @@ def test_sft_eps_gives_the_supervised_stages_their_own_adam_eps(tmp_path):
 
   cfg = config_lib.load(TINY, "runlocal")
   assert (cfg.optim.eps, cfg.sft.eps) == (3e-4, 1e-8)
-  r = pipeline.Run(cfg, str(tmp_path / "run"))
+  r = pipeline.make_context(cfg, str(tmp_path / "run"))
   r.writer.close()
   params = {"w": jnp.zeros(3)}
   grads = {"w": jnp.full(3, 1e-6)}

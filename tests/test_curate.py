@@ -392,7 +392,7 @@ def _workdir_with_random_sft_checkpoint(workdir):
   config = config_lib.load(
     os.path.join(ROOT, "experiments/tiny.py"), "runlocal"
   )
-  r = pipeline.Run(config, str(workdir))
+  r = pipeline.make_context(config, str(workdir))
   state = train.init_state(
     jax.random.key(0), model=r.s.model, tx=r.tx, mesh=r.mesh
   )

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from k15 import config_lib, pipeline
+from k15.stages import rl as rl_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = (
@@ -93,7 +94,7 @@ def read_state(step_dir):
 def test_nan_updates_are_skipped_then_stop_the_run_and_checkpoints_survive(
   tmp_path,
 ):
-  assert pipeline.RLConfig().max_consecutive_skips == 5  # the plan below
+  assert rl_stage.RLConfig().max_consecutive_skips == 5  # the plan below
   workdir = str(tmp_path / "run")
   ckpt = f"{workdir}/ckpt/rl"
   # RL step 2: its first minibatch is poisoned (one skip, the run goes on);

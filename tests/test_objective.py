@@ -32,9 +32,9 @@ def _tiny_batch(advantages_B):
   return logp, batch
 
 
-def _loss(logp, batch, **kw):
+def _loss(logp, batch, kind="mirror_descent", **kw):
   fn = jax.jit(objective.loss, static_argnames="cfg")
-  return fn(logp, batch, cfg=objective.LossConfig(**kw))
+  return fn(logp, batch, cfg=objective.LossConfig(loss=kind, **kw))
 
 
 def test_mirror_descent_hand_value_and_metrics():
@@ -107,10 +107,12 @@ def test_loss_and_grad_finite_with_junk_in_masked_positions():
 
 
 def test_loss_config_rejects_bad_fields():
-  with pytest.raises(ValueError, match="kind"):
-    objective.LossConfig(kind="ppo")
-  with pytest.raises(ValueError, match="tau"):
+  with pytest.raises(ValueError, match=r"rl\.loss"):
+    objective.LossConfig(loss="ppo")
+  with pytest.raises(ValueError, match=r"rl\.tau"):
     objective.LossConfig(tau=0.0)
+  with pytest.raises(ValueError, match=r"rl\.baseline"):
+    objective.LossConfig(baseline="median")
 
 
 # ----------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def test_mirror_descent_gradient_is_minus_eq3_after_several_steps():
   )
   adv_B = adv_PxK.reshape(-1)
   tau = 0.3
-  cfg = objective.LossConfig(kind="mirror_descent", tau=tau)
+  cfg = objective.LossConfig(loss="mirror_descent", tau=tau)
   batch = _md_batch(w0, phi, tok, mask, adv_B)
   loss_fn = lambda w: objective.loss(_logp(w, phi, tok), batch, cfg=cfg)[0]
   grad_fn = jax.jit(jax.grad(loss_fn))
@@ -205,8 +207,8 @@ def test_first_step_mirror_descent_equals_reinforce_mean_baseline():
   ).reshape(-1)
   batch = _md_batch(w0, phi, tok, mask, adv_B)
 
-  def grad(**kw):
-    cfg = objective.LossConfig(**kw)
+  def grad(kind, **kw):
+    cfg = objective.LossConfig(loss=kind, **kw)
     fn = lambda w: objective.loss(_logp(w, phi, tok), batch, cfg=cfg)[0]
     return jax.grad(fn)(jnp.asarray(w0))
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k15 import config_lib, plan, sharding, train
+from k15 import config_lib, sharding, train
+from k15.tools import flops, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "tiny.py")
@@ -93,13 +94,14 @@ def test_param_optimizer_and_cache_bytes(which, request):
   split = mesh.shape["fsdp"] * mesh.shape["tensor"]
   total_p = p.model.num_params() * 4
   assert total_p / split <= want_p < 1.5 * total_p / split
-  # KV cache: [L, B, S, K, Dh] k and v in f32 plus int32 pos/seg [B, S];
-  # k/v are split over all 8 devices (batch x heads or batch x length); the
-  # small pos/seg arrays at least over the batch axes (data=2).
+  # KV cache: [L, B, S, K, Dh] k and v in f32 plus int32 pos/seg [B, S],
+  # S = the runtime's cache of a call: prompt bucket + budget; k/v are
+  # split over all 8 devices (batch x heads or batch x length); the small
+  # pos/seg arrays at least over the batch axes (data=2).
   m, r = p.model, cfg.rollout
-  kv = 2 * m.num_layers * r.gen_rows * r.max_len * m.num_kv_heads
-  kv *= m.head_dim * 4
-  ids = 2 * r.gen_rows * r.max_len * 4
+  S = r.prompt_len + r.budget
+  kv = 2 * m.num_layers * r.gen_rows * S * m.num_kv_heads * m.head_dim * 4
+  ids = 2 * r.gen_rows * S * 4
   assert kv / 8 + ids / 8 <= pre.kv_cache <= kv / 8 + ids / 2
   assert dec.kv_cache == pre.kv_cache
   assert upd.kv_cache == 0
@@ -142,8 +144,8 @@ def test_count_flops_multiplies_scans_and_takes_dearer_branch():
 
   L, B, D = 5, 3, 4
   jaxpr = jax.make_jaxpr(f)(np.zeros((L, D, D)), np.zeros((B, D)))
-  assert plan.count_flops(jaxpr, 1) == L * 2 * (2 * B * D * D)
-  assert plan.count_flops(jaxpr, 2) == L * 2 * B * D * D
+  assert flops.count_flops(jaxpr, 1) == L * 2 * (2 * B * D * D)
+  assert flops.count_flops(jaxpr, 2) == L * 2 * B * D * D
 
 
 def test_main_dry_run_in_a_subprocess(tmp_path):
@@ -168,3 +170,83 @@ def test_main_dry_run_in_a_subprocess(tmp_path):
   assert "re-running with 2 fake CPU devices" in out.stdout
   assert "per device" in out.stdout and "update_step" in out.stdout
   assert "does not fit" in out.stderr
+
+
+# ---------------------------------------------------------------------------
+# The planner plans what runs
+# ---------------------------------------------------------------------------
+
+
+def _record_calls(monkeypatch, module, name, key) -> set:
+  """Wraps module.name (a jitted entry point) to record `key(*args, **kw)`
+  of every call: one compiled program per distinct key."""
+  seen, fn = set(), getattr(module, name)
+
+  def spy(*args, **kw):
+    seen.add(key(*args, **kw))
+    return fn(*args, **kw)
+
+  monkeypatch.setattr(module, name, spy)
+  return seen
+
+
+def _cache_len(state) -> int:
+  """Cache slots of a sampler.SamplingState."""
+  return state.cache["pos"].shape[1]
+
+
+def test_planner_lists_every_shape_the_run_compiles(tmp_path, monkeypatch):
+  """tiny.py:runlocal with partial rollouts: every shape the jitted update,
+  reference, warm-up, prefill and decode steps are called with is one the
+  planner lists. A 16-token budget continues trajectories at a longer
+  bucket, and the trainer scores rows longer than prompt_len + budget."""
+  import signal
+
+  from k15 import pipeline, sampler
+
+  cfg = config_lib.load(TINY, "runlocal")
+  cfg.rollout.update(partial=True, budget=16)
+  rows = lambda state, batch, **kw: batch["tokens_BxT"].shape
+  seen = dict(
+    sft_step=_record_calls(monkeypatch, train, "sft_step", rows),
+    update_step=_record_calls(monkeypatch, train, "update_step", rows),
+    score=_record_calls(
+      monkeypatch, train, "score", lambda p, tokens, seg, **kw: tokens.shape
+    ),
+    prefill=_record_calls(
+      monkeypatch,
+      sampler,
+      "prefill",
+      lambda p, toks, seg, rng, **kw: (
+        *toks.shape,
+        kw["cache_len"],
+        kw["budget"],
+      ),
+    ),
+    decode=_record_calls(
+      monkeypatch,
+      sampler,
+      "decode",
+      lambda p, state, **kw: (
+        state.tokens.shape[0],
+        _cache_len(state),
+        kw["max_steps"],
+      ),
+    ),
+  )
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    pipeline.run(cfg, str(tmp_path / "run"))
+  finally:
+    signal.signal(signal.SIGTERM, handler)
+  s = pipeline.settings(cfg, vocab_size=cfg.tokenizer.vocab_size)
+  planned = {k: set(v) for k, v in plan.programs(s).items()}
+  assert planned.keys() == seen.keys()
+  for name, shapes in seen.items():
+    assert shapes, f"the run never called {name}"
+    assert shapes <= planned[name], (name, shapes - planned[name])
+  # not vacuous: continued trajectories were re-prefilled at longer
+  # buckets, and the trainer scored rows longer than one segment
+  r = cfg.rollout
+  assert len({b for _, b, _, _ in seen["prefill"]}) > 1
+  assert max(t for _, t in seen["update_step"]) > r.prompt_len + r.budget

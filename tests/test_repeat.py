@@ -1,5 +1,5 @@
 """Repeat detection (sampler.detect_repeat, the REPEAT status while
-decoding) and its reward penalty (rl.group_rewards)."""
+decoding) and its reward penalty (stages.rl.group_rewards)."""
 
 import functools
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from k15 import model as model_lib
-from k15 import objective, pipeline, rl, sampler
+from k15 import objective, sampler
 from k15.sampler import REPEAT, STOPPED
+from k15.stages import rl
 
 _detect_jit = jax.jit(
   sampler.detect_repeat, static_argnames=("ngram", "window", "count")
@@ -183,7 +184,7 @@ def test_repeat_penalty_enters_the_reward_and_the_baseline():
   correct_GxK = np.array([[1, 0, 0, 1]], np.float32)
   lengths_GxK = np.array([[5, 9, 9, 6]], np.float32)
   status_GxK = np.array([[STOPPED, REPEAT, STOPPED, STOPPED]])
-  kw = dict(iteration=0, length_penalty=pipeline.LengthPenaltyConfig())
+  kw = dict(iteration=0, length_penalty=objective.LengthPenaltyConfig())
   kw["repeat_penalty"] = 0.5
   r_GxK = rl.group_rewards(correct_GxK, lengths_GxK, status_GxK, **kw)
   np.testing.assert_allclose(r_GxK, [[1, -0.5, 0, 1]])

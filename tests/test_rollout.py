@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from k15 import model as model_lib
-from k15 import rl, rollout, sampler
+from k15 import rollout, sampler
 from k15.sampler import BUDGET, MAX_LEN, STOPPED
+from k15.stages import rl
 
 PAD = 0
 
@@ -560,10 +561,11 @@ def test_training_batch_masks_old_segments_and_pads_rows(segments):
 
 def test_training_row_widths_are_a_few_buckets():
   budget, cap = 48, 400
-  widths = {rl._response_len(n, budget, cap) for n in range(1, cap + 1)}
+  width = lambda n: rollout.response_len(n, budget=budget, cap=cap)
+  widths = {width(n) for n in range(1, cap + 1)}
   assert all(w >= 1 for w in widths)
   for n in range(1, cap + 1):
-    assert rl._response_len(n, budget, cap) >= n
+    assert width(n) >= n
   # multiples of 16 up to the budget, of the budget beyond it
   assert len(widths) == budget // 16 + -(-(cap - budget) // budget)
 
@@ -630,26 +632,26 @@ def _toy_run(loss_segments: str, **rollout_kw):
   state = train.TrainState(
     step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
   )
-  r = types.SimpleNamespace(
+  ctx = types.SimpleNamespace(  # what stages.rl.iteration reads
     s=s,
-    rng=lambda stage, step: jax.random.fold_in(jax.random.key(7), step),
+    rng=lambda seed, step: jax.random.fold_in(jax.random.key(7), step),
     problems={"rl": problems},
     tok=tok,
     sampling=dataclasses.replace(s.sampler, stop_tokens=(1,)),
     shard=lambda tree: tree,
     task=types.SimpleNamespace(verify=lambda text, answer: text[:1] == "b"),
     tx=tx,
-    reward_model=None,
   )
-  return r, state
+  return ctx, state
 
 
-def _iterate(r, state, buf, sampler_, its):
+def _iterate(ctx, state, buf, sampler_, its):
+  carry = rl.Carry(state, sampler_, buf)
   out = []
   for it in its:
-    state, m, _ = rl.rl_iteration(r, state, it, sampler_, 0, buf)
+    carry, m, _ = rl.iteration(ctx, carry, it)
     out.append(m)
-  return state, out
+  return carry.state, out
 
 
 def test_rl_iterations_with_partial_rollouts():

@@ -33,7 +33,7 @@ CFG = ModelConfig(
   max_len=64,
   emb_init_scale=0.3,
 )
-LOSS = objective.LossConfig(kind="mirror_descent", tau=0.1)
+LOSS = objective.LossConfig(loss="mirror_descent", tau=0.1)
 TX = train.make_optimizer(train.OptimConfig(lr=1e-2))
 B, PL, RL = 8, 6, 10  # rows, prompt and response lengths (T = 16)
 T = PL + RL

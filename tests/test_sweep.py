@@ -70,14 +70,16 @@ def test_run_writes_results_per_seed(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline, "run", fake_run)
   config = ml_collections.ConfigDict(dict(
       name="tiny", seed=7, targets=dict(rl_minus_sft_pass1=0.15)))
-  out = sweep.run(config, str(tmp_path), [0, 1, 2], command="k15 --seeds")
+  about = sweep.environment("k15 --seeds", {"XLA_FLAGS": "--xla_foo="})
+  assert about["XLA_FLAGS"] == "--xla_foo=" and about["cpu"]
+  out = sweep.run(config, str(tmp_path), [0, 1, 2], about=about)
   # each seed ran in its own workdir with its own seed (config.seed ignored)
   assert calls == [(s, str(tmp_path / f"seed_{s}")) for s in (0, 1, 2)]
   assert out["all_targets_met"]
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["targets"]["rl_minus_sft_pass1"]["met"]
   md = (tmp_path / "results.md").read_text()
-  assert "k15 --seeds" in md
+  assert "k15 --seeds" in md and "XLA_FLAGS=--xla_foo=" in md
   assert "| rl | 0.767 ± 0.153 [0.600, 0.900]" in md
   assert "rl_minus_sft_pass1 ≥ +0.15: met (+0.300, +0.200, +0.300)" in md
   for seed in (0, 1, 2):

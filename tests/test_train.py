@@ -19,7 +19,7 @@ CFG = ModelConfig(
   max_len=32,
   emb_init_scale=0.3,
 )
-LOSS = objective.LossConfig(kind="mirror_descent", tau=0.1)
+LOSS = objective.LossConfig(loss="mirror_descent", tau=0.1)
 B, PL, RL = 8, 4, 8  # rows, prompt and response lengths
 T = PL + RL
 

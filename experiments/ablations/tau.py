@@ -30,13 +30,8 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(
     arg, tau=0.1, baseline="mean", seed=0, runlocal=False
   )
-  # pipeline.settings does not check these before SFT; fail at once instead.
-  if not arg.tau > 0:
-    raise ValueError(f"tau.py: tau={arg.tau!r}; must be > 0")
-  if arg.baseline not in ("mean", "logmeanexp"):
-    raise ValueError(
-      f"tau.py: baseline={arg.baseline!r}; expected mean | logmeanexp"
-    )
+  # rl.tau and rl.baseline are checked where they are defined
+  # (objective.LossConfig), before any work starts.
   c = config_lib.load_base(
     "experiments/tiny.py", runlocal=arg.runlocal, seed=arg.seed
   )

@@ -1,7 +1,7 @@
 """Rollout throughput with and without partial rollouts on long-tailed
 response lengths.
 
-`python -m k15.bench partial_rollout [--groups 128] [--budget 64]
+`python -m k15.tools.bench partial_rollout [--groups 128] [--budget 64]
   [--max_response 512] [--layers 4 --d_model 384 ...]`
 
 Workload: a random-weight model; every trajectory has a target length drawn
@@ -9,16 +9,17 @@ from a lognormal (median `--median` tokens, sigma `--sigma`, capped at
 `--max_response`): most responses are short, a few are very long. The
 sampler ends a trajectory exactly there (its per-trajectory cap, so it
 finishes as "cut by length"; no stop token is ever drawn). Each iteration
-runs the RL loop's rollout half, `rl.rl_iteration`'s policy and the same
-`rollout.RolloutBuffer` / `generate_segments` calls (no scoring or
+runs the RL loop's rollout half, `stages.rl.iteration`'s policy and the
+same `rollout.RolloutBuffer` / `generate_segments` calls (no scoring or
 training):
 
 - without partial rollouts: `prompts_per_iter` new groups of k, budget =
   max_response, so a call decodes until its longest row is done;
 - with partial rollouts: budget `--budget`; a cut trajectory is carried to
   the next iteration (re-prefilled in blocks of `--continue_rows` rows of
-  their own, `--rows` of them decoded together); new groups = prompts_per_iter minus the finished groups still
-  waiting; at most prompts_per_iter groups leave per iteration.
+  their own, `--rows` of them decoded together); new groups =
+  prompts_per_iter minus the finished groups still waiting; at most
+  prompts_per_iter groups leave per iteration.
 
 Both run until `--groups` groups have finished (the same number of finished
 trajectories). Useful tokens = the response tokens of finished
@@ -137,7 +138,7 @@ def _row(name, r, cores) -> tuple[str, ...]:
 
 
 def main(argv: list[str]) -> None:
-  p = argparse.ArgumentParser(prog="python -m k15.bench partial_rollout")
+  p = argparse.ArgumentParser(prog="python -m k15.tools.bench partial_rollout")
   p.add_argument("--groups", type=int, default=128, help="finished groups")
   p.add_argument("--prompts_per_iter", type=int, default=16)
   p.add_argument("--k", type=int, default=4)

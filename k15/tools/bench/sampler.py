@@ -1,7 +1,7 @@
 """Decode throughput of the k15 sampler against a no-cache baseline, the
 machine's roofline and (where installed) Tunix's vanilla sampler.
 
-`python -m k15.bench sampler [--batch 32 --prompt 256 --new 512]
+`python -m k15.tools.bench sampler [--batch 32 --prompt 256 --new 512]
   [--layers 8 --d_model 768 ...] [--nocache_steps 2] [--live_chunk 128]
   [--only k15,gumbel,whole,tunix,nocache]`
 
@@ -205,7 +205,7 @@ def bench_nocache(params, cfg, args) -> dict[str, float]:
 def bench_tunix(cfg, args, timer) -> dict[str, float] | str:
   """Tunix's vanilla sampler on a Tunix Llama-3 model of the same shape."""
   try:
-    from k15.bench import _tunix  # noqa: PLC0415
+    from k15.tools.bench import _tunix  # noqa: PLC0415
   except ImportError as e:
     return f"not importable ({e})"
   out = _tunix.bench(cfg, _prompts(args, cfg), args.new, timer)
@@ -223,7 +223,7 @@ def _table(rows: list[tuple[str, ...]], head: tuple[str, ...]) -> str:
 
 
 def main(argv: list[str]) -> None:
-  p = argparse.ArgumentParser(prog="python -m k15.bench sampler")
+  p = argparse.ArgumentParser(prog="python -m k15.tools.bench sampler")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--prompt", type=int, default=256)
   p.add_argument("--new", type=int, default=512)

@@ -1,6 +1,6 @@
 """Tunix's vanilla sampler on a Tunix Llama-3 of a k15 model's shape.
 
-Only imported by `k15.bench.sampler` when `import tunix` works (k15 does
+Only imported by `k15.tools.bench.sampler` when `import tunix` works (k15 does
 not depend on Tunix). Calls the sampler's own jitted prefill and decode
 (`Sampler._compiled_prefill_fn` / `_compiled_decode_fn`, what
 `Sampler.__call__` runs) on token ids, so tokenizing and detokenizing

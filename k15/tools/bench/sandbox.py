@@ -1,6 +1,6 @@
 """Throughput of the code sandbox: executions per second.
 
-`python -m k15.bench sandbox [--n 300] [--workers 1,2,4,6,8] [--repeat 2]`
+`python -m k15.tools.bench sandbox [--n 300] [--workers 1,2,4,6,8] [--repeat 2]`
 
 Two workloads, each run through `Sandbox.run_many` with several pool sizes
 (sandboxes in flight):
@@ -35,7 +35,7 @@ def _rate(box, jobs, workers, repeat) -> tuple[float, int]:
 
 
 def main(argv: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog="python -m k15.bench sandbox")
+  parser = argparse.ArgumentParser(prog="python -m k15.tools.bench sandbox")
   parser.add_argument("--n", type=int, default=300, help="trivial runs")
   parser.add_argument("--workers", default="", help="pool sizes, e.g. 2,6")
   parser.add_argument("--repeat", type=int, default=2)

@@ -1,6 +1,6 @@
 """Time and peak memory of attention forward+backward vs sequence length.
 
-`python -m k15.bench attention [--lengths 2048,4096] [--out table.md]`
+`python -m k15.tools.bench attention [--lengths 2048,4096] [--out table.md]`
 
 Dimension key: B batch, L tokens (T = S = L), H heads, Dh head dim.
 
@@ -119,7 +119,9 @@ def _worker(args) -> dict:
 
 def _run_one(impl: str, L: int, args) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+  root = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  )
   env["PYTHONPATH"] = os.pathsep.join(
     p for p in (root, env.get("PYTHONPATH")) if p
   )
@@ -131,7 +133,7 @@ def _run_one(impl: str, L: int, args) -> dict:
   cmd = [
     sys.executable,
     "-m",
-    "k15.bench.attention",
+    "k15.tools.bench.attention",
     "--worker",
     f"--impl={impl}",
     f"--length={L}",
@@ -172,7 +174,7 @@ def _table(rows: list[dict], args) -> str:
 
 
 def _parse(argv: list[str]):
-  p = argparse.ArgumentParser(prog="python -m k15.bench attention")
+  p = argparse.ArgumentParser(prog="python -m k15.tools.bench attention")
   p.add_argument("--lengths", default="2048,4096,8192,16384,32768")
   p.add_argument("--impls", default="dense,blockwise,ring")
   p.add_argument("--heads", type=int, default=8)

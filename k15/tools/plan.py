@@ -1,20 +1,28 @@
 """Pod dry run: does a config fit the pod, and how much work is one step?
 
-  python -m k15.plan --config experiments/k15_long_cot.py [--hbm_gib=95]
+  python -m k15.tools.plan --config experiments/k15_long_cot.py [--hbm_gib=95]
   python -m k15.main --config experiments/k15_long_cot.py --dry_run \
       [--dry_run.hbm_gib=95] [--dry_run.devices=64]
 
-Builds the config's mesh on fake CPU devices (re-running itself in a child
-process with `--xla_force_host_platform_device_count=N` when this process has
-fewer devices), makes the train state as sharded abstract values (nothing is
-allocated), and lowers and compiles, for that mesh, the three programs that
-hold the most memory on a pod:
+`programs(settings)` lists every shape the run compiles, per jitted entry
+point, from the functions the run itself uses to choose them: the sampler
+calls' prompt buckets and caches (`RolloutConfig.gen`, `GenConfig.shapes`),
+the training rows' widths (`RolloutConfig.response_len`; with
+rollout.partial the trainer scores up to max_len - prompt_len response
+tokens), the RL minibatch (`stages.rl.minibatch_rows`) and the warm-up's
+rows (`stages.sft.response_len`).
 
-  update_step  one RL minibatch [k * prompts_per_iter / num_minibatches,
-               prompt_len + budget] (the longest the trainer ever scores);
-  prefill      [gen_rows, prompt_len] prompts into a cache of rollout.max_len;
-  decode       one decode call (a `lax.while_loop` over up to `budget` tokens)
-               on prefill's output state.
+`plan` builds the config's mesh on fake CPU devices (re-running itself in a
+child process with `--xla_force_host_platform_device_count=N` when this
+process has fewer devices), makes the train state as sharded abstract
+values (nothing is allocated), and lowers and compiles, for that mesh, the
+largest shape of the three programs that hold the most memory on a pod:
+
+  update_step  one RL minibatch at the widest training rows;
+  prefill      gen_rows prompts at the largest bucket, into its cache
+               (bucket + budget slots);
+  decode       one decode call (a `lax.while_loop` over up to `budget`
+               tokens) on prefill's output state.
 
 Per device it prints parameter, optimizer, KV cache, other input/output and
 XLA temp (activations, gradients, scratch) bytes, the total of each program
@@ -30,13 +38,7 @@ What is measured and what is computed:
   make temp an overestimate of what the TPU compiler needs. We turn off
   while-loop invariant code motion, which on CPU would hoist an f32 copy of
   the whole stack of saved layer inputs out of the backward loop;
-- FLOPs: "counted" walks the traced program (jaxpr) and sums 2*M*N*K over
-  every matmul, scan bodies times their length, the larger branch of every
-  cond (so blocks that causal masking lets attention skip are counted:
-  an upper bound), remat recomputation included; "analytic" is 6*N*tokens +
-  causal attention (2*N*tokens + attention for a forward). XLA's own
-  `cost_analysis()` counts each loop body once, so with layers in a scan it
-  undercounts by ~num_layers; it is shown for reference only.
+- FLOPs: counted over the jaxpr and analytic (`k15.tools.flops`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ import time
 from typing import Any
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding
@@ -61,10 +62,11 @@ from jax.sharding import PartitionSpec as P
 
 from k15 import model as model_lib
 from k15 import pipeline, sampler, sharding, train
+from k15.stages import rl, sft
+from k15.tools import flops as flops_lib
 
 GiB = 2**30
 DEFAULT_DEVICES = 64  # chips of a v5p-128 slice; used when the mesh has a -1
-_CHILD_ENV = "K15_PLAN_CHILD"
 # CPU-only: LICM hoists f32 copies of loop-invariant bf16 stacks (see above).
 _CPU_COMPILER_OPTIONS = {
   "xla_disable_hlo_passes": "while-loop-invariant-code-motion,"
@@ -110,6 +112,9 @@ class Plan:
   model: model_lib.ModelConfig
   shapes: dict[str, str]
   phases: tuple[Phase, ...]
+  programs: dict[str, tuple[tuple[int, ...], ...]] = dataclasses.field(
+    default_factory=dict
+  )
 
   def too_big(self, hbm_gib: float) -> list[Phase]:
     return [p for p in self.phases if p.total > hbm_gib * GiB]
@@ -125,15 +130,16 @@ def main(
   *,
   hbm_gib: float | None = None,
   num_devices: int | None = None,
+  child: bool = False,
 ) -> int:
   """Plans `config`, prints the table; 1 when it does not fit `hbm_gib`.
 
   Runs in a child process with N fake CPU devices when this process has
-  fewer than the N devices the mesh needs.
+  fewer than the N devices the mesh needs (`child`: this is that process).
   """
   n = devices_needed(config, num_devices)
   if jax.device_count() < n:
-    if os.environ.get(_CHILD_ENV):
+    if child:
       raise RuntimeError(
         f"dry run: still only {jax.device_count()} devices "
         f"after re-running with {n} fake CPU devices"
@@ -185,10 +191,35 @@ def devices_needed(
 # ---------------------------------------------------------------------------
 
 
+def programs(s: pipeline.Settings) -> dict[str, tuple[tuple[int, ...], ...]]:
+  """Every shape the run compiles, per jitted entry point:
+
+    sft_step     (batch rows, prompt_len + response width)  sft, control
+    update_step  (minibatch rows, prompt_len + response width)  rl
+    score        the same rows (pi_theta_i's reference log-probs)  rl
+    prefill      (rows, bucket, cache, budget)  rl and every evaluation
+    decode       (rows, cache, budget)
+
+  Each from the function the runtime uses to choose it (module doc).
+  """
+  ro = s.rollout
+  out = dict(s.rollout.gen.shapes())
+  if {"sft", "control"} & set(s.stages):
+    out["sft_step"] = tuple(
+      (s.sft.batch_size, ro.prompt_len + n) for n in sft.response_lens(ro)
+    )
+  if "rl" in s.stages:
+    rows = rl.minibatch_rows(s)
+    upd = tuple((rows, ro.prompt_len + n) for n in ro.response_lens())
+    out.update(update_step=upd, score=upd)
+  return out
+
+
 def plan(
   config: ml_collections.ConfigDict, *, num_devices: int | None = None
 ) -> Plan:
-  """Lowers and compiles update_step, prefill and decode for the mesh."""
+  """Lowers and compiles update_step, prefill and decode for the mesh, each
+  at its largest shape in `programs`."""
   n = devices_needed(config, num_devices)
   vocab = None
   if not (config.get("model") or {}).get("vocab_size"):
@@ -199,17 +230,21 @@ def plan(
   cpu = devices[0].platform == "cpu"
   options = _CPU_COMPILER_OPTIONS if cpu else None
   tx = train.make_optimizer(s.optim)
-  r = s.rollout
-  rows = r.k * r.prompts_per_iter // s.rl.num_minibatches
-  T = r.prompt_len + r.budget
+  progs = programs(s)
+  rows = rl.minibatch_rows(s)
+  T = max(s.rollout.prompt_len + n for n in s.rollout.response_lens())
+  # the largest call: most cache slots in all (rows x cache)
+  pre_shape = max(progs["prefill"], key=lambda x: (x[0] * x[2], x[2]))
   state = _abstract_state(s.model, tx, mesh)  # outside: unbox would
   with mesh_context(mesh):  # apply the rules to the ShapeDtypeStructs
     upd = _plan_update(state, s, tx, mesh, rows, T, options)
-    pre, dec = _plan_sampler(state, s, mesh, options)
+    pre, dec = _plan_sampler(state, s, mesh, pre_shape, options)
+  B, bucket, cache, budget = pre_shape
   shapes = dict(
-    update_step=f"[{rows}, {T}] = rl minibatch x (prompt_len + budget)",
-    prefill=f"[{r.gen_rows}, {r.prompt_len}] prompts, cache {r.max_len}",
-    decode=f"[{r.gen_rows}] rows x up to {r.budget} steps, cache {r.max_len}",
+    update_step=f"[{rows}, {T}] = rl minibatch x (prompt_len + widest "
+    "response rows)",
+    prefill=f"[{B}, {bucket}] prompts, cache {cache}",
+    decode=f"[{B}] rows x up to {budget} steps, cache {cache}",
   )
   return Plan(
     name=str(config.get("name", "?")),
@@ -219,6 +254,7 @@ def plan(
     model=s.model,
     shapes=shapes,
     phases=(upd, pre, dec),
+    programs=progs,
   )
 
 
@@ -242,7 +278,7 @@ def _plan_update(
     )
 
   BT, B = (rows, T), (rows,)
-  # exactly the rows pipeline.rl_iteration feeds the update step
+  # exactly the rows stages.rl.minibatch_updates feeds the update step
   batch = dict(
     tokens_BxT=arr(BT, jnp.int32),
     seg_BxT=arr(BT, jnp.int32),
@@ -254,7 +290,7 @@ def _plan_update(
   )
   t0 = time.time()
   traced = train.update_step.trace(
-    state, batch, model=s.model, tx=tx, loss_cfg=s.loss
+    state, batch, model=s.model, tx=tx, loss_cfg=s.rl
   )
   compiled = traced.lower().compile(compiler_options=options)
   dt = time.time() - t0
@@ -271,21 +307,19 @@ def _plan_update(
     in_other,
     out_other,
     mem.temp_size_in_bytes,
-    count_flops(traced.jaxpr, mesh.size),
-    analytic_flops(s.model, "update", rows, T) / mesh.size,
-    _xla_flops(compiled),
+    flops_lib.count_flops(traced.jaxpr, mesh.size),
+    flops_lib.analytic_flops(s.model, "update", rows, T) / mesh.size,
+    flops_lib.xla_flops(compiled),
     dt,
   )
 
 
 def _plan_sampler(
-  state, s: pipeline.Settings, mesh, options
+  state, s: pipeline.Settings, mesh, shape, options
 ) -> tuple[Phase, Phase]:
-  r = s.rollout
+  B, bucket, cache_len, budget = shape
   prompts = jax.ShapeDtypeStruct(
-    (r.gen_rows, r.prompt_len),
-    jnp.int32,
-    sharding=sharding.batch_sharding(mesh, 2),
+    (B, bucket), jnp.int32, sharding=sharding.batch_sharding(mesh, 2)
   )
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(
@@ -298,7 +332,7 @@ def _plan_sampler(
 
   t0 = time.time()
   traced = sampler.prefill.trace(
-    params, prompts, prompts, key, budget=r.budget, cache_len=r.max_len, **kw
+    params, prompts, prompts, key, budget=budget, cache_len=cache_len, **kw
   )
   compiled = traced.lower().compile(compiler_options=options)
   dt = time.time() - t0
@@ -317,14 +351,14 @@ def _plan_sampler(
     mem.argument_size_in_bytes - p_bytes,
     mem.output_size_in_bytes - mem.alias_size_in_bytes - c_bytes,
     mem.temp_size_in_bytes,
-    count_flops(traced.jaxpr, mesh.size),
-    analytic_flops(s.model, "prefill", r.gen_rows, r.prompt_len) / mesh.size,
-    _xla_flops(compiled),
+    flops_lib.count_flops(traced.jaxpr, mesh.size),
+    flops_lib.analytic_flops(s.model, "prefill", B, bucket) / mesh.size,
+    flops_lib.xla_flops(compiled),
     dt,
   )
 
   t0 = time.time()
-  traced = sampler.decode.trace(params, out, max_steps=r.budget, **kw)
+  traced = sampler.decode.trace(params, out, max_steps=budget, **kw)
   compiled = traced.lower().compile(compiler_options=options)
   dt = time.time() - t0
   mem = compiled.memory_analysis()
@@ -336,9 +370,9 @@ def _plan_sampler(
     mem.argument_size_in_bytes - p_bytes - c_bytes,
     mem.output_size_in_bytes - mem.alias_size_in_bytes,
     mem.temp_size_in_bytes,
-    count_flops(traced.jaxpr, mesh.size),
-    analytic_flops(s.model, "decode", r.gen_rows, r.max_len) / mesh.size,
-    _xla_flops(compiled),
+    flops_lib.count_flops(traced.jaxpr, mesh.size),
+    flops_lib.analytic_flops(s.model, "decode", B, cache_len) / mesh.size,
+    flops_lib.xla_flops(compiled),
     dt,
     flops_note="per token (one loop iteration)",
   )
@@ -354,108 +388,6 @@ def tree_bytes_per_device(tree: Any) -> int:
       shape = x.sharding.shard_shape(x.shape)
     total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
   return total
-
-
-# ---------------------------------------------------------------------------
-# FLOPs
-# ---------------------------------------------------------------------------
-
-
-def count_flops(jaxpr, num_devices: int) -> float:
-  """Matmul FLOPs per device of a traced program (see the module doc).
-
-  Outside shard_map shapes are global, so their FLOPs are divided by the
-  device count (even partitioning assumed); inside, shapes are per device.
-  """
-  glob, local = _walk(
-    jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr, inside=False
-  )
-  return glob / num_devices + local
-
-
-def _walk(jaxpr, inside: bool) -> tuple[float, float]:
-  glob = local = 0.0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      f = _dot_flops(eqn)
-      glob, local = (glob, local + f) if inside else (glob + f, local)
-      continue
-    subs = _sub_jaxprs(eqn)
-    if not subs:
-      continue
-    inner = inside or name == "shard_map"
-    costs = [_walk(j, inner) for j in subs]
-    if name == "cond":  # one branch runs; count the dearer one
-      g, lo = max(costs, key=sum)
-    elif name == "while":  # trip count unknown: one iteration of the body
-      g, lo = costs[-1]
-    else:
-      g, lo = sum(c[0] for c in costs), sum(c[1] for c in costs)
-    times = eqn.params.get("length", 1) if name == "scan" else 1
-    glob, local = glob + times * g, local + times * lo
-  return glob, local
-
-
-def _sub_jaxprs(eqn) -> list:
-  if eqn.primitive.name == "while":
-    return [_open(eqn.params["cond_jaxpr"]), _open(eqn.params["body_jaxpr"])]
-  if eqn.primitive.name == "cond":
-    return [_open(b) for b in eqn.params["branches"]]
-  return [_open(j) for j in jex.core.jaxprs_in_params(eqn.params)]
-
-
-def _open(j):
-  return j.jaxpr if isinstance(j, jex.core.ClosedJaxpr) else j
-
-
-def _dot_flops(eqn) -> float:
-  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-  lhs = eqn.invars[0].aval.shape
-  out = eqn.outvars[0].aval.shape
-  k = math.prod(lhs[d] for d in lhs_contract)
-  return 2.0 * math.prod(out) * k
-
-
-def analytic_flops(
-  m: model_lib.ModelConfig, kind: str, rows: int, length: int
-) -> float:
-  """Textbook FLOPs of the whole program (all devices).
-
-  update: 6 * N * tokens + 6 * B * H * Dh * T^2 * L (causal attention, fwd +
-  bwd); prefill: 2 * N * tokens + 2 * B * H * Dh * T^2 * L; decode: one token
-  per row at the full cache length S: 2 * N * B + 4 * B * H * Dh * S * L.
-  N counts matmul weights: q, k, v, o, gate, up, down and the output layer
-  (not norms, biases or the embedding lookup; prefill applies the output
-  layer to the last token only).
-  """
-  D, V, L = m.d_model, m.vocab_size, m.num_layers
-  hd = m.num_heads * m.head_dim
-  n_body = L * (
-    2 * D * hd + 2 * D * m.num_kv_heads * m.head_dim + 3 * D * m.mlp_dim
-  )
-  n_mm = n_body + V * D
-  if kind == "update":
-    return 6.0 * n_mm * rows * length + 6.0 * rows * hd * length**2 * L
-  if kind == "prefill":
-    return (
-      2.0 * n_body * rows * length
-      + 2.0 * V * D * rows
-      + 2.0 * rows * hd * length**2 * L
-    )
-  if kind == "decode":
-    return 2.0 * n_mm * rows + 4.0 * rows * hd * length * L
-  raise ValueError(f"analytic_flops: unknown kind {kind!r}")
-
-
-def _xla_flops(compiled) -> float:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
-    return float("nan")
-  if isinstance(cost, list | tuple):
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan")))
 
 
 # ---------------------------------------------------------------------------
@@ -493,6 +425,10 @@ def format_table(p: Plan, hbm_gib: float | None = None) -> str:
     f"attention={m.attention}",
   ]
   lines += [f"  {k:<12} {v}" for k, v in p.shapes.items()]
+  lines += ["compiled shapes (every one the run compiles):"]
+  lines += [
+    f"  {k:<12} {', '.join(map(str, v))}" for k, v in p.programs.items()
+  ]
   w = 14
   head = f"per device, {unit}".ljust(24) + "".join(
     ph.name.rjust(w) for ph in p.phases
@@ -554,14 +490,17 @@ def format_table(p: Plan, hbm_gib: float | None = None) -> str:
 def _run_child(
   config: ml_collections.ConfigDict, *, hbm_gib, num_devices
 ) -> int:
-  """`python -m k15.plan` with N fake CPU devices; returns its exit code."""
+  """`python -m k15.tools.plan` with N fake CPU devices (the XLA_FLAGS of
+  its environment); returns its exit code."""
   flags = re.sub(
     r"--xla_force_host_platform_device_count=\S+",
     "",
     os.environ.get("XLA_FLAGS", ""),
   )
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
+  root = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = (
     f"{flags} --xla_force_host_platform_device_count={num_devices}"
   ).strip()
@@ -574,9 +513,10 @@ def _run_child(
   cmd = [
     sys.executable,
     "-m",
-    "k15.plan",
+    "k15.tools.plan",
     f"--config_json={f.name}",
     f"--num_devices={num_devices}",
+    "--child",
   ]
   if hbm_gib is not None:
     cmd.append(f"--hbm_gib={hbm_gib}")
@@ -596,9 +536,14 @@ def _cli(argv: list[str]) -> None:
     with open(_CONFIG_JSON.value) as f:
       cfg = ml_collections.ConfigDict(json.load(f))
   if cfg is None:
-    sys.exit("k15.plan: pass --config experiments/<x>.py")
+    sys.exit("k15.tools.plan: pass --config experiments/<x>.py")
   try:
-    code = main(cfg, hbm_gib=_HBM.value, num_devices=_DEVICES.value)
+    code = main(
+      cfg,
+      hbm_gib=_HBM.value,
+      num_devices=_DEVICES.value,
+      child=_CHILD.value,
+    )
   except (ValueError, TypeError, KeyError) as e:
     sys.exit(f"k15 dry run: error: {e}")
   sys.exit(code)
@@ -625,5 +570,8 @@ if __name__ == "__main__":
     None,
     "Mesh size (default: the mesh's product, or "
     f"{DEFAULT_DEVICES} when an axis is -1).",
+  )
+  _CHILD = flags.DEFINE_bool(
+    "child", False, "Set by the planner when it re-runs itself."
   )
   app.run(_cli)
