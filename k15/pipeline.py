@@ -47,9 +47,10 @@ from k15 import (
 )
 from k15 import metrics as metrics_lib
 from k15 import model as model_lib
+from k15 import rewards as rewards_lib
+from k15 import rm as rm_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
-from k15.rewards import reward_model as reward_model_lib
 
 STAGES = ("sft", "rl", "control")
 _STAGE_SEED = {"sft": 11, "rl": 22, "control": 33, "eval": 44}
@@ -157,7 +158,7 @@ class Settings:
   eval: evaluate.EvalConfig
   mesh: dict[str, int]
   init: str = ""  # a Llama/Qwen2 safetensors dir to start from
-  reward: reward_model_lib.RewardConfig = reward_model_lib.RewardConfig()
+  reward: rm_lib.RewardConfig = rm_lib.RewardConfig()
 
   @property
   def loss(self) -> objective.LossConfig:
@@ -184,7 +185,7 @@ _SECTIONS = {
     "length_penalty": LengthPenaltyConfig, "data": curriculum.SamplerConfig,
     "sft": SFTConfig, "optim": train.OptimConfig,
     "ckpt": ckpt_lib.CheckpointConfig, "eval": evaluate.EvalConfig,
-    "reward": reward_model_lib.RewardConfig,
+    "reward": rm_lib.RewardConfig,
 }
 
 
@@ -409,14 +410,20 @@ class Run:
     return evaluate.evaluate(
         params, self.problems["eval"], self.rng("eval", 0), tok=self.tok,
         model=self.s.model, sampling=self.sampling, gen=self.s.gen,
-        cfg=self.s.eval, verify=self.task.verify, shard_fn=self.shard)
+        cfg=self.s.eval, pool=self.rewards, shard_fn=self.shard)
 
   @functools.cached_property
-  def reward_model(self) -> reward_model_lib.RewardModel | None:
+  def reward_model(self) -> rm_lib.RewardModel | None:
     """The RM scoring RL rollouts (config.reward), loaded on first use;
     None when the task's rule verifier scores them."""
-    return reward_model_lib.build(self.s.reward, mesh=self.mesh,
-                                  rows=self.s.rollout.gen_rows)
+    return rm_lib.build(self.s.reward, mesh=self.mesh,
+                        rows=self.s.rollout.gen_rows)
+
+  @functools.cached_property
+  def rewards(self) -> rewards_lib.RewardPool:
+    """The reward backends: every task's verifier and config.reward's RM."""
+    return rewards_lib.RewardPool(verifiers=tasks.verifiers(),
+                                  judges=rm_lib.judges(self.reward_model))
 
   def sft_examples(self):
     return [data.encode_sft(self.tok, p.question, p.trace)

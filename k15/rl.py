@@ -5,7 +5,7 @@ sample k responses each from pi_theta_i with the jitted sampler, at most
 `rollout.budget` new tokens per trajectory, together with the unfinished
 trajectories of earlier iterations (partial rollouts, `rollout.partial`);
 take the groups whose k samples have all finished, score them with the
-task's verifier, shape rewards with the length penalty and the repeat
+reward entry point, shape rewards with the length penalty and the repeat
 penalty, form the mean-reward baseline per group, take pi_theta_i's
 log-probs of every token as the reference, reset the optimizer, and take
 several minibatch steps of the mirror-descent loss.
@@ -45,9 +45,9 @@ from k15 import (
   train,
 )
 from k15 import metrics as metrics_lib
+from k15 import rewards as rewards_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
-from k15.rewards import reward_model as reward_model_lib
 
 _LOSS_KEYS = (
   "tokens_BxT",
@@ -265,11 +265,16 @@ def _train_on(r, state, it: int, groups: list[rollout.Group], skips: int):
   ro = s.rollout
   P, K, G = ro.prompts_per_iter, ro.k, len(groups)
   trajs = [t for g in groups for t in g.members]
-  # the task's rule verifier, or the RM of config.reward (+ its metrics)
+  # routed by each problem's kind, or judged by config.reward's RM
   problems = [r.problems["rl"][g.problem] for g in groups for _ in range(K)]
-  correct, reward_metrics = reward_model_lib.score(
-    r.reward_model, r.tok, trajs, problems, r.task.verify
+  scored = rewards_lib.score(
+    [p.to_item() for p in problems],
+    [r.tok.decode(t.response) for t in trajs],
+    [t.status == sampler_lib.STOPPED for t in trajs],
+    pool=r.rewards,
+    judge=s.reward.judge,
   )
+  correct, reward_metrics = scored.scores, scored.metrics
   correct_GxK = correct.reshape(G, K)
   lengths_GxK = np.array([len(t.response) for t in trajs], np.float32).reshape(
     G, K
