@@ -216,13 +216,13 @@ class RewardModel:
 
   def __post_init__(self):
     if self.kind not in RM_KINDS:
-      raise ValueError(f"reward_model: kind={self.kind!r}; known {RM_KINDS}")
+      raise ValueError(f"rm: kind={self.kind!r}; known {RM_KINDS}")
     self.max_prompt = self.model.max_len - (
       self.budget if self.kind == "cot_rm" else 0
     )
     if self.max_prompt < 8:
       raise ValueError(
-        f"reward_model: model.max_len={self.model.max_len} "
+        f"rm: model.max_len={self.model.max_len} "
         f"leaves no room for prompts (budget {self.budget})"
       )
     # a few prompt buckets: short batches do not pay for the longest
@@ -231,8 +231,7 @@ class RewardModel:
                                  for f in (2, 3)} | {m}))  # fmt: skip
     if self.mesh is not None and self.rows % sharding.batch_divisor(self.mesh):
       raise ValueError(
-        f"reward_model: rows={self.rows} is not divisible by "
-        f"the mesh's data*fsdp"
+        f"rm: rows={self.rows} is not divisible by the mesh's data*fsdp"
       )
     self.sampling = sampler_lib.SamplingConfig(
       temperature=0.0, stop_tokens=(self.tok.eos_id,)
@@ -348,7 +347,7 @@ def load(
   path = os.path.join(directory, META)
   if not os.path.exists(path):
     raise FileNotFoundError(
-      f"reward_model: no {META} in {directory} (not a "
+      f"rm: no {META} in {directory} (not a "
       "finished RM directory; train one with python "
       "-m k15.tools.train_rm)"
     )
@@ -372,7 +371,7 @@ def load(
   out = ck.restore(dict(params=abstract))
   ck.close()
   if out is None:
-    raise FileNotFoundError(f"reward_model: no params in {directory}")
+    raise FileNotFoundError(f"rm: no params in {directory}")
   return RewardModel(
     kind=kind, model=model, params=out[1]["params"], tok=tok,
     budget=int(overrides.get("budget", meta.get("budget", 48))),

@@ -348,6 +348,39 @@ def test_pass_rate_thresholds_and_kept_rows():
   assert "| kept | 1 | 20.0% |" in table
 
 
+def test_responses_are_judged_by_each_rows_kind(monkeypatch):
+  """Curation scores through the reward entry point: a row without a kind
+  takes `default_kind` (the run's task), an "exact" row its own rule; a row
+  whose kind no backend scores is named before any sampling."""
+  calls = []
+  real = rewards.score
+
+  def spy(rows, responses, finished, **kw):
+    calls.append([r["kind"] for r in rows])
+    return real(rows, responses, finished, **kw)
+
+  monkeypatch.setattr(rewards, "score", spy)
+  rows = [dict(ROWS[2], kind="exact"), {k: v for k, v in ROWS[3].items()
+                                        if k != "kind"}]  # fmt: skip
+  kept, dec = filters.curate(
+    rows,
+    cfg=CurateConfig(no_cot_attempts=0),
+    sample_fn=Stub(PLAN),
+    pool=CHAINS,
+    default_kind="chains",
+  )
+  assert calls == [["exact"] * 10 + ["chains"] * 10]
+  assert [d.pass_rate for d in dec] == [1.0, 0.9]  # " x>y. answer: d"
+  assert "kind" not in kept[0]  # the rows are written as they came
+  with pytest.raises(ValueError, match="row 2: unknown reward kind 'geo'"):
+    filters.curate(
+      [ROWS[0], dict(ROWS[1], kind="geo")],
+      cfg=CurateConfig(),
+      sample_fn=_no_model,
+      pool=CHAINS,
+    )
+
+
 def test_config_checks():
   with pytest.raises(ValueError, match="curate.forms"):
     CurateConfig(forms=("essay",))

@@ -511,5 +511,3 @@ def format_table(rep: Mapping[str, Any]) -> str:
       f"(mean {pr['mean_all']:.3f}, kept {mean_kept}): {hist}"
     )
   return "\n".join(lines)
-
-

@@ -104,7 +104,7 @@ def _corrupt(
   steps_text, sep, ans = trace.rpartition(_ANSWER_SEP)
   if not sep or ans != answer:
     raise ValueError(
-      f"reward_model: trace {trace!r} does not end with '{_ANSWER_SEP}{answer}'"
+      f"train_rm: trace {trace!r} does not end with '{_ANSWER_SEP}{answer}'"
     )
   parts = _STEP_SEP.split(steps_text)  # step, sep, step, ... ('' if leading)
   steps = [i for i in range(0, len(parts), 2) if parts[i]]
@@ -132,7 +132,7 @@ def _corrupt(
     return trace[: int(rng.integers(1, len(steps_text) + 1))]
   if kind == "several":
     return trace + _ANSWER_SEP.lstrip(".") + other
-  raise ValueError(f"reward_model: unknown response kind {kind!r}")
+  raise ValueError(f"train_rm: unknown response kind {kind!r}")
 
 
 def make_examples(
@@ -146,7 +146,7 @@ def make_examples(
   probs /= probs.sum()
   values = sorted({p.answer for p in problems})
   if len(values) < 2:
-    raise ValueError("reward_model: problems need >= 2 distinct answers")
+    raise ValueError("train_rm: problems need >= 2 distinct answers")
   out = []
   for p in problems:
     kind = names[int(rng.choice(len(names), p=probs))]
@@ -209,7 +209,7 @@ def scalar_rm_step(
 
 
 # ---------------------------------------------------------------------------
-# Training (python -m k15.rewards.reward_model)
+# Training (python -m k15.tools.train_rm)
 # ---------------------------------------------------------------------------
 
 
