@@ -421,7 +421,8 @@ class Run:
 
   @functools.cached_property
   def rewards(self) -> rewards_lib.RewardPool:
-    """The reward backends: every task's verifier and config.reward's RM."""
+    """The reward backends of `rewards.score`: every task's verifier and
+    config.reward's RM (loaded with the pool, on its first use)."""
     return rewards_lib.RewardPool(verifiers=tasks.verifiers(),
                                   judges=rm_lib.judges(self.reward_model))
 

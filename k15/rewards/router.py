@@ -71,7 +71,7 @@ class RewardBatch:
   results[i]: row i's RewardResult (score, correct, cause, info), its
     `status` one of base.STATUSES;
   kinds[i]: the kind that scored row i (the judge's when one was given);
-  metrics: `reward/time_s` (wall time of the call), `reward/status/<s>`
+  metrics: `reward/time` (seconds the call took), `reward/status/<s>`
     (counts, every status), `reward/<kind>/n`, `reward/<kind>/cause/<c>`
     (counts), and with a judge its agreement with the rows' own kinds
     (`reward/<judge>/accuracy`, ..., `reward/rule_accuracy`).
@@ -184,16 +184,17 @@ class RewardPool:
     rows = [dict(r) for r in rows]
     responses, finished = list(responses), [bool(f) for f in finished]
     groups = self._groups(rows)
+    judge_fn = self.fn(judge) if judge else None  # checked before any work
     own = self._route(groups, rows, responses, finished)
     metrics = _cause_counts(own, [r["kind"] for r in rows])
-    if judge:
-      results = self.fn(judge)(rows, responses, finished)
+    if judge_fn is not None:
+      results = judge_fn(rows, responses, finished)
       rule = np.array([r.score for r in own], np.float32)
       metrics.update(
         judge_lib.agreement_metrics(results, rule, f"reward/{judge}/")
       )
       metrics.update(_cause_counts(results, [judge] * len(rows)))
-      metrics["reward/rule_accuracy"] = float(rule.mean()) if len(rule) else 0
+      metrics["reward/rule_accuracy"] = float(rule.mean()) if len(rule) else 0.0
       self._count(judge, results)
       kinds = (judge,) * len(rows)
     else:
@@ -202,7 +203,7 @@ class RewardPool:
       self._count(k, [own[i] for i in idx])
     status = collections.Counter(r.status for r in results)
     metrics.update({f"reward/status/{s}": float(status[s]) for s in STATUSES})
-    metrics["reward/time_s"] = time.perf_counter() - t0
+    metrics["reward/time"] = time.perf_counter() - t0
     return RewardBatch(tuple(results), kinds, metrics)
 
   def _groups(self, rows: list[dict[str, Any]]) -> dict[str, list[int]]:
