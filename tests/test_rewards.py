@@ -115,7 +115,7 @@ def test_each_row_goes_to_its_kinds_verifier(spies):
   assert m["reward/status/timeout"] == m["reward/status/crash"] == 0
   assert m["reward/math/n"] == 3 and m["reward/math/cause/ok"] == 1
   assert m["reward/arithmetic/cause/truncated"] == 1
-  assert m["reward/time"] > 0
+  assert m["reward_time"] > 0
 
 
 @needs_sandbox

@@ -71,7 +71,7 @@ class RewardBatch:
   results[i]: row i's RewardResult (score, correct, cause, info), its
     `status` one of base.STATUSES;
   kinds[i]: the kind that scored row i (the judge's when one was given);
-  metrics: `reward/time` (seconds the call took), `reward/status/<s>`
+  metrics: `reward_time` (seconds the call took), `reward/status/<s>`
     (counts, every status), `reward/<kind>/n`, `reward/<kind>/cause/<c>`
     (counts), and with a judge its agreement with the rows' own kinds
     (`reward/<judge>/accuracy`, ..., `reward/rule_accuracy`).
@@ -203,7 +203,7 @@ class RewardPool:
       self._count(k, [own[i] for i in idx])
     status = collections.Counter(r.status for r in results)
     metrics.update({f"reward/status/{s}": float(status[s]) for s in STATUSES})
-    metrics["reward/time"] = time.perf_counter() - t0
+    metrics["reward_time"] = time.perf_counter() - t0
     return RewardBatch(tuple(results), kinds, metrics)
 
   def _groups(self, rows: list[dict[str, Any]]) -> dict[str, list[int]]:
