@@ -1,9 +1,9 @@
 """Reward models on the chains task: a chain-of-thought generative verifier
 and a scalar-head RM, trained from scratch on rule-labelled pairs.
 
-  python -m k15.rewards.reward_model --config experiments/reward_model.py \\
+  python -m k15.tools.train_rm --config experiments/reward_model.py \\
       --workdir /tmp/k15_rm
-  python -m k15.rewards.reward_model \\
+  python -m k15.tools.train_rm \\
       --config experiments/reward_model.py:runlocal --workdir /tmp/k15_rm
 
 Each kind lands in WORKDIR/<kind>/ (rm.json with its held-out evaluation,

@@ -10,12 +10,12 @@ length and accuracy per 1k tokens, for the long2short comparisons.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from k15 import rollout, sampler
+from k15 import rewards, rollout, sampler
 from k15 import tokenizer as tokenizer_lib
 
 
@@ -33,34 +33,34 @@ class EvalConfig:
 
 def score_responses(tok: tokenizer_lib.Tokenizer,
                     gens: Sequence[rollout.Generation],
-                    answers: Sequence[str],
-                    verify: Callable[[str, str], bool]) -> np.ndarray:
-  """1.0 where a finished response verifies against its answer."""
-  out = np.zeros(len(gens), np.float32)
-  for i, (g, a) in enumerate(zip(gens, answers, strict=True)):
-    if g.status == sampler.STOPPED and verify(tok.decode(g.response), a):
-      out[i] = 1.0
-  return out
+                    rows: Sequence[dict],
+                    pool: rewards.RewardPool) -> np.ndarray:
+  """Each generation's reward from the reward entry point (rows[i] is
+  gens[i]'s task row); one that did not stop by itself scores 0."""
+  return rewards.score(
+      rows, [tok.decode(g.response) for g in gens],
+      [g.status == sampler.STOPPED for g in gens], pool=pool).scores
 
 
 def evaluate(params, problems: Sequence, rng: jax.Array, *,
              tok: tokenizer_lib.Tokenizer, model, sampling: sampler.
              SamplingConfig, gen: rollout.GenConfig, cfg: EvalConfig,
-             verify: Callable[[str, str], bool], shard_fn=None
-             ) -> dict[str, float]:
+             pool: rewards.RewardPool, shard_fn=None) -> dict[str, float]:
+  """Held-out metrics of `params`; responses score through `pool` by the
+  problems' own kinds (evaluation never asks a reward model)."""
   if cfg.max_problems:
     problems = problems[:cfg.max_problems]
   prompts = [tok.encode(tokenizer_lib.format_prompt(p.question))
              for p in problems]
-  answers = [p.answer for p in problems]
+  rows = [p.to_item() for p in problems]
   n = cfg.num_samples
   samp = dataclasses.replace(sampling, temperature=cfg.temperature)
   gens = rollout.generate(params, [q for q in prompts for _ in range(n)],
                           rng, model=model, sampling=samp, gen=gen,
                           pad_id=tok.pad_id, shard_fn=shard_fn)
-  correct_PxN = score_responses(tok, gens, [a for a in answers
+  correct_PxN = score_responses(tok, gens, [r for r in rows
                                             for _ in range(n)],
-                                verify).reshape(len(problems), n)
+                                pool).reshape(len(problems), n)
   lengths = np.array([len(g.response) for g in gens], np.float32)
   out = dict(pass1=float(correct_PxN.mean()),
              mean_length=float(lengths.mean()),
@@ -74,7 +74,7 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
     g_gens = rollout.generate(params, prompts, jax.random.fold_in(rng, 1),
                               model=model, sampling=greedy, gen=gen,
                               pad_id=tok.pad_id, shard_fn=shard_fn)
-    out["greedy_acc"] = float(score_responses(tok, g_gens, answers,
-                                              verify).mean())
+    out["greedy_acc"] = float(score_responses(tok, g_gens, rows,
+                                              pool).mean())
   out["acc_per_1k_tokens"] = out["pass1"] / max(out["mean_length"], 1) * 1e3
   return out

@@ -45,9 +45,10 @@ from k15 import (
 )
 from k15 import metrics as metrics_lib
 from k15 import model as model_lib
+from k15 import rewards as rewards_lib
+from k15 import rm as rm_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
-from k15.rewards import reward_model as reward_model_lib
 from k15.stages import common, control, rl, sft
 
 # Every stage `config.stages` may name; a new stage is one module under
@@ -84,7 +85,7 @@ class Settings:
   eval: evaluate.EvalConfig
   mesh: dict[str, int]
   init: str = ""  # a Llama/Qwen2 safetensors dir to start from
-  reward: reward_model_lib.RewardConfig = reward_model_lib.RewardConfig()
+  reward: rm_lib.RewardConfig = rm_lib.RewardConfig()
 
 
 _SECTIONS = {
@@ -100,7 +101,7 @@ _SECTIONS = {
   "optim": train.OptimConfig,
   "ckpt": ckpt_lib.CheckpointConfig,
   "eval": evaluate.EvalConfig,
-  "reward": reward_model_lib.RewardConfig,
+  "reward": rm_lib.RewardConfig,
 }
 # with config.init the architecture comes from the checkpoint; the config
 # keeps the runtime fields
@@ -258,6 +259,10 @@ def make_context(
     sampling=dataclasses.replace(s.sampler, stop_tokens=stop or (tok.eos_id,)),
     abstract=train.sharded_abstract_state(s.model, tx, mesh),
     writer=metrics_lib.MetricWriter(workdir),
+    rewards=rewards_lib.RewardPool(
+      verifiers=tasks.verifiers(),
+      judges=rm_lib.lazy_judges(s.reward, mesh=mesh, rows=s.rollout.gen_rows),
+    ),
   )
 
 
@@ -301,6 +306,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.warning("k15: preempted (SIGTERM); checkpoint saved, exiting")
     ctx.writer.close()
     return {"preempted": True}
+  finally:
+    ctx.rewards.close()
   if ctx.preemption.requested:
     logging.warning("k15: SIGTERM after the last stage; the run is complete")
   summary = write_summary(ctx.workdir, results)

@@ -101,7 +101,9 @@ def reset_optimizer(state: TrainState, *, tx) -> TrainState:
   return state.replace(opt_state=tx.init(state.params))
 
 
-def _apply_if_finite(state, grads, loss, *, tx):
+def apply_if_finite(state, grads, loss, *, tx):
+  """One optimizer step, or none where the loss or gradient is not finite
+  (then the state is returned unchanged and `skipped` is 1)."""
   gnorm = optax.global_norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
   grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
@@ -130,7 +132,7 @@ def update_step(state: TrainState, batch: dict, *,
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  state, m = _apply_if_finite(state, grads, loss, tx=tx)
+  state, m = apply_if_finite(state, grads, loss, tx=tx)
   return state, {**metrics, **m}
 
 
@@ -150,7 +152,7 @@ def sft_step(state: TrainState, batch: dict, *, model, tx
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  state, m = _apply_if_finite(state, grads, loss, tx=tx)
+  state, m = apply_if_finite(state, grads, loss, tx=tx)
   return state, {**metrics, **m}
 
 

@@ -299,7 +299,9 @@ def test_reward_pool_async_mixed_kinds_and_metrics():
     ]
     fut = pool.submit(items, responses, [True] * 5)
     assert isinstance(fut, concurrent.futures.Future)
-    res = fut.result(timeout=60)
+    batch = fut.result(timeout=60)
+    assert isinstance(batch, rewards.RewardBatch)
+    res = batch.results
     assert [r.cause for r in res] == [
       "ok",
       "multiple_answers",

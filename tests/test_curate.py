@@ -1,5 +1,7 @@
-"""k15.curate: form filters, pass rates from a real sampler, the N = 8
-no-CoT filter, thresholds and the report, the JSONL reader, the command."""
+"""Curation (k15.tools.curate_filters, k15.tools.curate): form filters,
+pass rates from a real sampler, the N = 8 no-CoT filter, thresholds and
+the report, responses judged through the reward entry point, the JSONL
+reader, the command."""
 
 import collections
 import json
@@ -12,10 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from k15 import config_lib, curate, pipeline, rollout, sampler, train
+from k15 import config_lib, pipeline, rewards, rollout, sampler, train
 from k15 import model as model_lib
-from k15.curate import CurateConfig
 from k15.tasks import chains
+from k15.tools import curate
+from k15.tools import curate_filters as filters
+from k15.tools.curate_filters import CurateConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFF = dict(samples=0, no_cot_attempts=0)
@@ -60,17 +64,17 @@ KEPT = [
 @pytest.mark.parametrize("question,answer,extra,form", DROPPED)
 def test_form_filter_drops(question, answer, extra, form):
   row = dict(question=question, answer=answer, **extra)
-  got, why = curate.form_reason(row)
+  got, why = filters.form_reason(row)
   assert got == form, why
   assert why
   # with that form's filter off, the row passes
-  others = tuple(f for f in curate.FORMS if f != form)
-  assert curate.form_reason(row, others)[0] is None
+  others = tuple(f for f in filters.FORMS if f != form)
+  assert filters.form_reason(row, others)[0] is None
 
 
 @pytest.mark.parametrize("question,answer,extra", KEPT)
 def test_form_filter_keeps(question, answer, extra):
-  assert curate.form_reason(
+  assert filters.form_reason(
     dict(question=question, answer=answer, **extra)
   ) == (None, "")
 
@@ -86,11 +90,10 @@ def test_form_duplicate_and_length_drops_need_no_model():
     dict(question="c>f a>c | a", answer="f", id="dup"),
     dict(question="x" * 50, answer="y"),
   ]
-  kept, dec = curate.curate(
+  kept, dec = filters.curate(
     rows,
     cfg=CurateConfig(**OFF),
     sample_fn=_no_model,
-    verify=chains.verify,
     fits=lambda t: len(t) < 40,
   )
   assert [d.reason for d in dec] == [f for *_, f in DROPPED] + [
@@ -99,7 +102,7 @@ def test_form_duplicate_and_length_drops_need_no_model():
     "too_long",
   ]
   assert kept == [rows[len(DROPPED)]]  # no pass rate when samples=0
-  rep = curate.report(rows, dec, CurateConfig(**OFF))
+  rep = filters.report(rows, dec, CurateConfig(**OFF))
   assert rep["counts"] == dict(
     input=len(rows),
     kept=1,
@@ -155,11 +158,16 @@ def _lenient_verify(response, answer):
   return bool(set(response) & set(answer))
 
 
+# The reward backends the tests score through (rewards.score, by row kind).
+CHAINS = rewards.RewardPool(verifiers={"chains": chains.verify})
+LENIENT = rewards.RewardPool(verifiers={"lenient": _lenient_verify})
+
+
 def test_pass_rate_equals_independent_count_of_the_same_samples():
   tok = CharTok()
   params = nn.unbox(model_lib.init_params(jax.random.key(5), model=MODEL))
   rows = [
-    dict(question=q, answer=a)
+    dict(question=q, answer=a, kind="lenient")
     for q, a in [
       ("c>f a>c | a", "fgh"),
       ("b>d | b", "dba"),
@@ -171,12 +179,12 @@ def test_pass_rate_equals_independent_count_of_the_same_samples():
     params, tok=tok, model=MODEL, sampling=SAMPLING, gen=GEN
   )
   cfg = CurateConfig(samples=10, no_cot_attempts=0, temperature=1.0, seed=4)
-  kept, dec = curate.curate(rows, cfg=cfg, sample_fn=fn, verify=_lenient_verify)
+  kept, dec = filters.curate(rows, cfg=cfg, sample_fn=fn, pool=LENIENT)
   rates = [d.pass_rate for d in dec]
   assert [r["difficulty_pass_rate"] for r in kept] == rates
 
   # Independently: the documented layout and seed, straight to the sampler.
-  prompts = [tok.encode(curate.cot_prompt(r["question"])) for r in rows]
+  prompts = [tok.encode(filters.cot_prompt(r["question"])) for r in rows]
   gens = rollout.generate(
     params,
     [p for p in prompts for _ in range(10)],
@@ -199,7 +207,7 @@ def test_pass_rate_equals_independent_count_of_the_same_samples():
   np.testing.assert_array_equal(rates, ok.mean(axis=1))
   assert len(set(rates)) > 1, "all prompts equally hard: the test is weak"
   # deterministic for the seed
-  _, again = curate.curate(rows, cfg=cfg, sample_fn=fn, verify=_lenient_verify)
+  _, again = filters.curate(rows, cfg=cfg, sample_fn=fn, pool=LENIENT)
   assert [d.pass_rate for d in again] == rates
 
 
@@ -229,10 +237,10 @@ class Stub:
       q = p[len("Q: ") : -len("\nA:" + (self.prefix if direct else ""))]
       answer, hit, cot_correct = self.plan[q]
       if direct:
-        out.append(curate.Sample(f" {answer if j == hit else 'z'}", True))
+        out.append(filters.Sample(f" {answer if j == hit else 'z'}", True))
       else:
         ok = answer if j < cot_correct else "z"
-        out.append(curate.Sample(f" x>y. answer: {ok}", True))
+        out.append(filters.Sample(f" x>y. answer: {ok}", True))
     return out
 
 
@@ -244,7 +252,7 @@ PLAN = {
   "q5 | a": ("f", None, 0),
 }
 ROWS = [
-  dict(question=q, answer=a, id=i)
+  dict(question=q, answer=a, id=i, kind="chains")
   for i, (q, (a, *_)) in enumerate(PLAN.items())
 ]
 
@@ -253,7 +261,7 @@ def test_no_cot_filter_drops_a_guess_within_n_and_keeps_one_after():
   stub = Stub(PLAN)
   cfg = CurateConfig(samples=0)
   assert cfg.no_cot_attempts == 8
-  kept, dec = curate.curate(ROWS, cfg=cfg, sample_fn=stub, verify=chains.verify)
+  kept, dec = filters.curate(ROWS, cfg=cfg, sample_fn=stub, pool=CHAINS)
   assert [d.reason for d in dec] == ["easy_to_hack", None, None, None, None]
   assert [d.no_cot_correct for d in dec] == [1, 0, 0, 0, 0]
   assert [r["id"] for r in kept] == [1, 2, 3, 4]
@@ -263,18 +271,18 @@ def test_no_cot_filter_drops_a_guess_within_n_and_keeps_one_after():
   assert max_tokens == cfg.no_cot_max_tokens
   assert (seed, temperature) == (cfg.seed, cfg.no_cot_temperature)
   # nine attempts reach q2's guess; a threshold of 2 correct keeps both
-  _, dec9 = curate.curate(
+  _, dec9 = filters.curate(
     ROWS,
     cfg=CurateConfig(samples=0, no_cot_attempts=9),
     sample_fn=Stub(PLAN),
-    verify=chains.verify,
+    pool=CHAINS,
   )
   assert [d.reason for d in dec9][:2] == ["easy_to_hack"] * 2
-  _, dec2 = curate.curate(
+  _, dec2 = filters.curate(
     ROWS,
     cfg=CurateConfig(samples=0, no_cot_min_correct=2),
     sample_fn=Stub(PLAN),
-    verify=chains.verify,
+    pool=CHAINS,
   )
   assert all(d.reason is None for d in dec2)
 
@@ -282,11 +290,11 @@ def test_no_cot_filter_drops_a_guess_within_n_and_keeps_one_after():
 def test_no_cot_prefix_is_a_parameter_and_is_verified_with_the_response():
   # The stub's direct answer " b" verifies only as " answer:" + " b".
   stub = Stub(PLAN, prefix=" =>")
-  _, dec = curate.curate(
+  _, dec = filters.curate(
     ROWS,
     cfg=CurateConfig(samples=0, no_cot_prefix=" =>"),
     sample_fn=stub,
-    verify=chains.verify,
+    pool=CHAINS,
   )
   assert all(p.endswith(" =>") for p in stub.calls[0][0])
   assert all(d.reason is None for d in dec)  # " => b" has no answer marker
@@ -297,7 +305,7 @@ def test_pass_rate_thresholds_and_kept_rows():
   cfg = CurateConfig(
     no_cot_attempts=8, trivial_pass_rate=1.0, seed=3, temperature=0.7
   )
-  kept, dec = curate.curate(ROWS, cfg=cfg, sample_fn=stub, verify=chains.verify)
+  kept, dec = filters.curate(ROWS, cfg=cfg, sample_fn=stub, pool=CHAINS)
   assert [d.reason for d in dec] == [
     "easy_to_hack",
     None,
@@ -314,11 +322,11 @@ def test_pass_rate_thresholds_and_kept_rows():
     dict(ROWS[3], difficulty_pass_rate=0.9),
     dict(ROWS[4], difficulty_pass_rate=0.0),
   ]
-  _, dec = curate.curate(
+  _, dec = filters.curate(
     ROWS,
     cfg=CurateConfig(trivial_pass_rate=0.9, min_pass_rate=0.1),
     sample_fn=Stub(PLAN),
-    verify=chains.verify,
+    pool=CHAINS,
   )
   assert [d.reason for d in dec] == [
     "easy_to_hack",
@@ -327,7 +335,7 @@ def test_pass_rate_thresholds_and_kept_rows():
     "trivial",
     "unsolved",
   ]
-  rep = curate.report(ROWS, dec, cfg)
+  rep = filters.report(ROWS, dec, cfg)
   assert rep["pass_rate"]["histogram"] == {
     "0.00": 1,
     "0.50": 1,
@@ -335,9 +343,42 @@ def test_pass_rate_thresholds_and_kept_rows():
     "1.00": 1,
   }
   assert rep["pass_rate"]["mean_kept"] == 0.5
-  table = curate.format_table(rep)
+  table = filters.format_table(rep)
   assert "| dropped: trivial | 2 | 40.0% |" in table
   assert "| kept | 1 | 20.0% |" in table
+
+
+def test_responses_are_judged_by_each_rows_kind(monkeypatch):
+  """Curation scores through the reward entry point: a row without a kind
+  takes `default_kind` (the run's task), an "exact" row its own rule; a row
+  whose kind no backend scores is named before any sampling."""
+  calls = []
+  real = rewards.score
+
+  def spy(rows, responses, finished, **kw):
+    calls.append([r["kind"] for r in rows])
+    return real(rows, responses, finished, **kw)
+
+  monkeypatch.setattr(rewards, "score", spy)
+  rows = [dict(ROWS[2], kind="exact"), {k: v for k, v in ROWS[3].items()
+                                        if k != "kind"}]  # fmt: skip
+  kept, dec = filters.curate(
+    rows,
+    cfg=CurateConfig(no_cot_attempts=0),
+    sample_fn=Stub(PLAN),
+    pool=CHAINS,
+    default_kind="chains",
+  )
+  assert calls == [["exact"] * 10 + ["chains"] * 10]
+  assert [d.pass_rate for d in dec] == [1.0, 0.9]  # " x>y. answer: d"
+  assert "kind" not in kept[0]  # the rows are written as they came
+  with pytest.raises(ValueError, match="row 2: unknown reward kind 'geo'"):
+    filters.curate(
+      [ROWS[0], dict(ROWS[1], kind="geo")],
+      cfg=CurateConfig(),
+      sample_fn=_no_model,
+      pool=CHAINS,
+    )
 
 
 def test_config_checks():
@@ -422,7 +463,7 @@ def test_command_end_to_end_on_20_rows(tmp_path):
     [
       sys.executable,
       "-m",
-      "k15.curate",
+      "k15.tools.curate",
       "--config",
       "experiments/tiny.py:runlocal",
       "--workdir",

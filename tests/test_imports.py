@@ -8,8 +8,6 @@ included: a lazy import is still a dependency). No module is imported.
 import ast
 import os
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "k15")
 # what rewards/ may not import (DESIGN.md: rewards is a leaf)
@@ -111,11 +109,6 @@ def test_cycles_are_found():
   assert _cycles(g) == [["a", "b", "c"]]
 
 
-@pytest.mark.xfail(
-  strict=False,
-  reason="rewards/ becomes a leaf with the rewards-leaf branch (issue #14); "
-  "un-xfail after it merges",
-)
 def test_rewards_import_no_training_or_sampling():
   g = _graph()
   bad = sorted(
@@ -161,7 +154,6 @@ def _private_uses(path: str, known: set[str]) -> list[str]:
 # entry once its branch has merged; nothing may be added.
 KNOWN_PRIVATE_USES = {
   "k15.hf": {"model_lib._parse_rope_scaling"},
-  "k15.rewards.reward_model": {"train._apply_if_finite"},
 }
 
 

@@ -1,9 +1,9 @@
-"""k15.rewards.reward_model: strict verdicts, rule-labelled data, the value
-head (last real token, padding invariance), the scalar RM step, the CoT RM
-plumbing, save/load and the registry, the RL-side `score`, and (slow) a
-briefly trained CoT RM that beats chance on held-out pairs."""
+"""Reward models: strict verdicts (k15.rewards.judge), rule-labelled data
+and the scalar RM step (k15.tools.train_rm), the value head (last real
+token, padding invariance), the CoT RM plumbing and save/load (k15.rm),
+RMs judging through the reward entry point, and (slow) a briefly trained
+CoT RM that beats chance on held-out pairs."""
 
-import dataclasses
 import functools
 import os
 
@@ -12,13 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k15 import config_lib, pipeline, rollout, sampler, sharding, train
+from k15 import (
+  config_lib,
+  pipeline,
+  rewards,
+  rm,
+  rollout,
+  sampler,
+  sharding,
+  train,
+)
 from k15 import model as model_lib
 from k15 import tokenizer as tokenizer_lib
-from k15.rewards import get_reward_fn
-from k15.rewards import reward_model as rm
+from k15.rewards import judge
 from k15.rewards.base import RewardResult
 from k15.tasks import arithmetic, chains
+from k15.tools import train_rm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = model_lib.ModelConfig(
@@ -50,13 +59,13 @@ def problems():
 
 @pytest.fixture(scope="module")
 def tok(problems):
-  ex = rm.make_examples(problems["sft"], chains, seed=0)
+  ex = train_rm.make_examples(problems["sft"], chains, seed=0)
   corpus = list(chains.tokenizer_corpus(n=200)) + [
-    rm.rm_prompt(e.question, e.reference, e.response)
-    + rm.cot_target(e.reasoning, e.label)
+    judge.rm_prompt(e.question, e.reference, e.response)
+    + judge.cot_target(e.reasoning, e.label)
     for e in ex
   ]
-  corpus += [rm.cot_target(" x", b) for b in (True, False)]
+  corpus += [judge.cot_target(" x", b) for b in (True, False)]
   t = tokenizer_lib.train_sentencepiece(corpus, 64, **chains.TOKENIZER)
   assert t.vocab_size <= CFG.vocab_size
   return t
@@ -79,7 +88,7 @@ def tok(problems):
   ],
 )
 def test_parse_verdict_valid(text, want):
-  v = rm.parse_verdict(text)
+  v = judge.parse_verdict(text)
   assert (v.correct, v.cause) == (want, "ok")
 
 
@@ -104,15 +113,15 @@ def test_parse_verdict_valid(text, want):
   ],
 )
 def test_parse_verdict_malformed(text, cause):
-  v = rm.parse_verdict(text)
+  v = judge.parse_verdict(text)
   assert v.correct is None
   assert v.cause == cause
 
 
 def test_cot_target_round_trips_through_the_parser():
   for label in (True, False):
-    v = rm.parse_verdict(rm.cot_target(" final a=ref a.", label))
-    assert v == rm.Verdict(label, "ok")
+    v = judge.parse_verdict(judge.cot_target(" final a=ref a.", label))
+    assert v == judge.Verdict(label, "ok")
 
 
 # ---------------------------------------------------------------------------
@@ -125,7 +134,7 @@ def test_examples_are_labelled_by_the_rule(task):
   probs = task.splits(
     seed=1, num_sft=600, num_rl=0, num_eval=1, min_steps=2, max_steps=5
   )["sft"]
-  ex = rm.make_examples(probs, task, seed=3)
+  ex = train_rm.make_examples(probs, task, seed=3)
   assert len(ex) == len(probs)
   by_kind = {}
   for e, p in zip(ex, probs, strict=True):
@@ -248,11 +257,11 @@ def test_scalar_rm_step_lowers_the_loss_on_a_fixed_batch():
   state = train.TrainState(
     step=jnp.zeros((), jnp.int32), params=params, opt_state=TX.init(params)
   )
-  loss_fn = jax.jit(functools.partial(rm.scalar_rm_loss, model=CFG))
+  loss_fn = jax.jit(functools.partial(train_rm.scalar_rm_loss, model=CFG))
   loss0, _ = loss_fn(state.params, batch)
   np.testing.assert_allclose(loss0, np.log(2.0), rtol=1e-6)
   for _ in range(15):
-    state, m = rm.scalar_rm_step(state, batch, model=CFG, tx=TX)
+    state, m = train_rm.scalar_rm_step(state, batch, model=CFG, tx=TX)
     assert m["skipped"] == 0
   loss1, aux = loss_fn(state.params, batch)
   assert loss1 < 0.5 * loss0
@@ -269,7 +278,7 @@ def test_scalar_rm_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def _items(problems, n, task=chains, seed=0):
-  ex = rm.make_examples(problems[:n], task, seed=seed)
+  ex = train_rm.make_examples(problems[:n], task, seed=seed)
   items = [dict(question=e.question, answer=e.reference) for e in ex]
   return ex, items, [e.response for e in ex]
 
@@ -284,9 +293,10 @@ def test_cot_rm_runs_through_the_sampler_with_fixed_shapes(tok, problems):
   model = rm.RewardModel(
     kind="cot_rm", model=CFG, params=params, tok=tok, budget=16, rows=8
   )
+  fn = rewards.get_reward_fn("cot_rm", judge=model)
   ex, items, responses = _items(problems["eval"], 11)
   finished = [i != 2 for i in range(11)]
-  out = model(items, responses, finished)
+  out = fn(items, responses, finished)
   assert len(out) == 11
   assert out[2] == RewardResult(0.0, False, "truncated")
   for i, r in enumerate(out):
@@ -296,11 +306,11 @@ def test_cot_rm_runs_through_the_sampler_with_fixed_shapes(tok, problems):
   assert any(r.cause == "malformed" for r in out)
   n_prefill = sampler.prefill._cache_size()
   n_decode = sampler.decode._cache_size()
-  model(items[:3], responses[:3], [True] * 3)
+  fn(items[:3], responses[:3], [True] * 3)
   assert sampler.prefill._cache_size() == n_prefill
   assert sampler.decode._cache_size() == n_decode
   # a template longer than the RM's context is not run
-  long = model(items[:1], ["a>b, " * 40], [True])
+  long = fn(items[:1], ["a>b, " * 40], [True])
   assert long[0].cause == "too_long" and long[0].score == 0.0
 
 
@@ -329,7 +339,7 @@ def test_cot_rm_scores_its_parsed_verdicts(tok, problems, monkeypatch):
     kind="cot_rm", model=CFG, params=None, tok=tok, budget=16, rows=8
   )
   _, items, responses = _items(problems["eval"], 5)
-  out = model(items, responses, [True] * 5)
+  out = model.judge(items, responses)
   assert [r.cause for r in out] == [
     "ok",
     "judged_wrong",
@@ -343,7 +353,7 @@ def test_cot_rm_scores_its_parsed_verdicts(tok, problems, monkeypatch):
     "several_objects",
     "unfinished",
   ]
-  m = rm.agreement_metrics(out, np.array([1, 1, 0, 1, 0]), "x/")
+  m = judge.agreement_metrics(out, np.array([1, 1, 0, 1, 0]), "x/")
   assert m["x/accuracy"] == pytest.approx(3 / 5)
   assert m["x/false_pos"] == 0.0
   assert m["x/false_neg"] == pytest.approx(2 / 3)
@@ -377,10 +387,11 @@ def test_save_load_round_trip_and_registry(tmp_path, tok, problems):
     jax.device_get(params),
   )
   _, items, responses = _items(problems["eval"], 6)
-  fn = get_reward_fn("scalar_rm", ckpt=d, threshold=0.5)
+  judge_model = rm.from_cfg("scalar_rm", ckpt=d, threshold=0.5)
+  fn = rewards.get_reward_fn("scalar_rm", judge=judge_model)
   res = fn(items, responses, [True] * 6)
   ids = [
-    tok.encode(rm.rm_prompt(i["question"], i["answer"], r))
+    tok.encode(judge.rm_prompt(i["question"], i["answer"], r))
     for i, r in zip(items, responses, strict=True)
   ]
   b = rm.scalar_batch([(p, False) for p in ids], length=96, pad_id=0)
@@ -389,7 +400,7 @@ def test_save_load_round_trip_and_registry(tmp_path, tok, problems):
   np.testing.assert_allclose([r.info["p"] for r in res], p, rtol=1e-5)
   assert [r.score for r in res] == [float(x > 0.5) for x in p]
   with pytest.raises(ValueError, match="holds a scalar_rm"):
-    get_reward_fn("cot_rm", ckpt=d)
+    rm.from_cfg("cot_rm", ckpt=d)
   with pytest.raises(FileNotFoundError, match="rm.json"):
     rm.load(str(tmp_path))
 
@@ -413,51 +424,55 @@ def test_reward_config_in_settings():
     pipeline.settings(cfg)
 
 
-def test_score_is_the_rule_by_default_and_the_rm_otherwise(tok, problems):
-  ex, items, responses = _items(problems["eval"], 8)
-  gens = [
-    rollout.Generation(
-      [], np.asarray(tok.encode(r) + [tok.eos_id]), None, None, sampler.STOPPED
-    )  # fmt: skip
-    for r in responses
-  ]
-  gens[0] = dataclasses.replace(gens[0], status=sampler.BUDGET)
+def test_entry_point_scores_by_the_rule_unless_an_rm_judges(tok, problems):
+  """rewards.score: the rows' own kind (the chains rule) by default; with
+  judge="cot_rm" the injected RM's judgement, unfinished responses never
+  reaching it, plus its agreement with the rule."""
+  ex, _, responses = _items(problems["eval"], 8)
   probs = problems["eval"][:8]
-  rule, m = rm.score(None, tok, gens, probs, chains.verify)
+  rows = [p.to_item() for p in probs]
+  assert {r["kind"] for r in rows} == {"chains"}
+  finished = [i != 0 for i in range(8)]
   want = [float(e.label and i != 0) for i, e in enumerate(ex)]
-  np.testing.assert_array_equal(rule, want)
-  assert m == {}
 
   class Always:
     kind = "cot_rm"
+    seen = []
 
-    def __call__(self, items, responses, finished):
-      assert [i["answer"] for i in items] == [p.answer for p in probs]
-      assert responses[1] == ex[1].response
-      return [
-        RewardResult(float(f), bool(f), "ok" if f else "truncated")
-        for f in finished
-      ]
+    def judge(self, items, responses):
+      self.seen += [i["answer"] for i in items]
+      return [RewardResult(1.0, True, "ok") for _ in items]
 
-  got, m = rm.score(Always(), tok, gens, probs, chains.verify)
-  np.testing.assert_array_equal(got, [0.0] + [1.0] * 7)
+  pool = rewards.RewardPool(
+    verifiers={"chains": chains.verify}, judges={"cot_rm": Always()}
+  )
+  rule = rewards.score(rows, responses, finished, pool=pool)
+  np.testing.assert_array_equal(rule.scores, want)
+  assert rule.kinds == ("chains",) * 8 and rule.statuses[0] == "not_finished"
+  assert "reward/rule_accuracy" not in rule.metrics
+  got = rewards.score(rows, responses, finished, pool=pool, judge="cot_rm")
+  assert Always.seen == [p.answer for p in probs[1:]]
+  np.testing.assert_array_equal(got.scores, [0.0] + [1.0] * 7)
+  m = got.metrics
   assert m["reward/rule_accuracy"] == pytest.approx(np.mean(want))
   assert m["reward/cot_rm/accuracy"] == pytest.approx(
-    np.mean(got == np.asarray(want))
+    np.mean(got.scores == np.asarray(want))
   )
   assert m["reward/cot_rm/false_neg"] == 0.0
+  assert m["reward/cot_rm/cause/truncated"] == 1.0
+  assert m["reward/chains/n"] == 8.0
 
 
 def test_experiment_config_validates():
   path = os.path.join(ROOT, "experiments", "reward_model.py")
   for arg in ("", "runlocal", "kind=cot_rm,steps=7"):
-    s = rm.settings(config_lib.load(path, arg), vocab_size=41)
+    s = train_rm.settings(config_lib.load(path, arg), vocab_size=41)
     assert s.model.vocab_size == 48
   assert s.rm.kinds == ("cot_rm",) and s.rm.steps == 7
   bad = config_lib.load(path, "runlocal").to_dict()
   bad["rm"]["kinds"] = ("cot_rm", "llm")
   with pytest.raises(ValueError, match="rm.kinds"):
-    rm.settings(bad)
+    train_rm.settings(bad)
 
 
 # ---------------------------------------------------------------------------
@@ -481,7 +496,7 @@ def test_run_writes_loadable_rms(tmp_path):
   """Two steps of each kind: directories that load, evaluation recorded."""
   cfg = _small_rm_config(2, ("cot_rm", "scalar_rm"))
   cfg.task.update(num_train=64, num_eval=8)
-  out = rm.run(cfg, str(tmp_path), mesh=_mesh1())
+  out = train_rm.run(cfg, str(tmp_path), mesh=_mesh1())
   for kind in ("cot_rm", "scalar_rm"):
     ev = out[kind]["eval"]
     assert ev["n"] == 8 and 0.0 <= ev["accuracy"] <= 1.0
@@ -498,7 +513,7 @@ def test_briefly_trained_cot_rm_beats_chance(tmp_path):
   starts to compare the final answer with the reference; before that its
   edge comes from spotting missing and multiple answers.)"""
   cfg = _small_rm_config(400, ("cot_rm",))
-  out = rm.run(cfg, str(tmp_path), mesh=_mesh1())
+  out = train_rm.run(cfg, str(tmp_path), mesh=_mesh1())
   ev = out["cot_rm"]["eval"]
   majority = max(ev["label_mean"], 1 - ev["label_mean"])
   assert ev["accuracy"] > majority + 0.15, ev
@@ -521,7 +536,7 @@ def test_rl_stage_takes_its_reward_from_an_rm(tmp_path):
     num_eval=8,
   )
   rm_cfg.model.update(max_len=256)
-  rm.run(rm_cfg, str(tmp_path / "rm"), mesh=_mesh1())
+  train_rm.run(rm_cfg, str(tmp_path / "rm"), mesh=_mesh1())
   cfg = config_lib.override(
     tiny,
     **{

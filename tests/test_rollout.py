@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from k15 import model as model_lib
-from k15 import rollout, sampler
+from k15 import rewards, rollout, sampler
 from k15.sampler import BUDGET, MAX_LEN, STOPPED
 from k15.stages import rl
 
@@ -639,7 +639,9 @@ def _toy_run(loss_segments: str, **rollout_kw):
     tok=tok,
     sampling=dataclasses.replace(s.sampler, stop_tokens=(1,)),
     shard=lambda tree: tree,
-    task=types.SimpleNamespace(verify=lambda text, answer: text[:1] == "b"),
+    rewards=rewards.RewardPool(
+      verifiers={"arithmetic": lambda text, answer: text[:1] == "b"}
+    ),
     tx=tx,
   )
   return ctx, state
@@ -716,12 +718,14 @@ def test_dynamic_sampling_scores_more_groups_than_it_trains(monkeypatch):
 
   r, state = _toy_run("all", partial=False, oversample=3)
 
-  def score(rm, tok, gens, problems, verify):
+  def score(rows, responses, finished, *, pool, judge):
     # k=2 rows per group, in order: groups 0, 4, 8 get rewards (1, 0)
-    i = np.arange(len(gens))
-    return ((i % 2 == 0) & (i // 2 % 4 == 0)).astype(np.float32), {}
+    i = np.arange(len(rows))
+    ok = (i % 2 == 0) & (i // 2 % 4 == 0)
+    results = [rewards.RewardResult(float(x), bool(x), "ok") for x in ok]
+    return rewards.RewardBatch(tuple(results), ("arithmetic",) * len(i), {})
 
-  monkeypatch.setattr(rl.reward_model_lib, "score", score)
+  monkeypatch.setattr(rl.rewards_lib, "score", score)
   difficulty = np.array([p.difficulty for p in r.problems["rl"]])
   ps = curriculum.PromptSampler(difficulty, r.s.data, 0)
   buf = rollout.RolloutBuffer(2, partial=False)

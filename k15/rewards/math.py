@@ -19,10 +19,13 @@ solving the task):
 math-verify times out with `signal.alarm`, which only works in a main thread
 (other frameworks silently score 0 there), so it runs in `WorkerPool`
 processes with an outer per-item timeout; a timeout or crash scores 0 and
-shows as cause "timeout" / "error".
+shows as cause "timeout" / "error". math-verify's own limit (3 s per parse
+or comparison) is a timeout too: left to itself, math-verify logs it and
+answers False, which would count a slow check as a wrong answer.
 """
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -177,20 +180,40 @@ def extract(
   return Extraction(answers[-1], "ok", answers)
 
 
-def _verify_one(pair: tuple[str, str]) -> bool:
-  """Worker-side: math-verify equivalence of (gold, predicted)."""
+def _verify_one(pair: tuple[str, str]) -> str:
+  """Worker-side: math-verify's verdict on (gold, predicted): "ok",
+  "wrong_answer", or "timeout" when its own alarm fired and no pair of
+  parses matched. Errors count as False, as in math-verify itself; pairs
+  are compared one by one so a timeout can be told from a False."""
   from math_verify import parse, verify
+  from math_verify.errors import TimeoutException
 
   gold, pred = pair
 
   def wrap(s: str) -> str:
     return s if ("$" in s or "\\boxed" in s) else f"${s}$"
 
-  g = parse(wrap(gold), parsing_timeout=_INNER_TIMEOUT_S)
-  p = parse(wrap(pred), parsing_timeout=_INNER_TIMEOUT_S)
-  if not g or not p:
-    return False
-  return bool(verify(g, p, timeout_seconds=_INNER_TIMEOUT_S))
+  def parsed(s: str) -> list:
+    try:
+      return parse(wrap(s), parsing_timeout=_INNER_TIMEOUT_S,
+                   raise_on_error=True)  # fmt: skip
+    except Exception:  # noqa: BLE001 - math-verify's own answer: nothing
+      return []
+
+  try:
+    g, p = parsed(gold), parsed(pred)
+  except TimeoutException:
+    return "timeout"
+  timed_out = False
+  for a, b in itertools.product(g, p):
+    try:
+      if verify(a, b, timeout_seconds=_INNER_TIMEOUT_S, raise_on_error=True):
+        return "ok"
+    except TimeoutException:
+      timed_out = True
+    except Exception:  # noqa: BLE001 - as math-verify: not equal
+      continue
+  return "timeout" if timed_out else "wrong_answer"
 
 
 _INNER_TIMEOUT_S = 3  # math-verify's own alarm, inside the outer timeout
@@ -272,10 +295,12 @@ class MathReward:
       outcomes = self.pool.map([(g, a) for _, g, a in slow], self.timeout_s)
       for (i, gold, answer), out in zip(slow, outcomes, strict=True):
         info = {"answer": answer, "gold": gold, "by": "math_verify"}
-        if out.ok and out.value:
+        if out.ok and out.value == "ok":
           results[i] = RewardResult(1.0, True, "ok", info)
-        elif out.ok:
-          results[i] = RewardResult(0.0, False, "wrong_answer", info)
+        elif out.ok:  # "wrong_answer", or "timeout" by math-verify's alarm
+          if out.value == "timeout":
+            info["detail"] = f"math-verify's own {_INNER_TIMEOUT_S} s limit"
+          results[i] = RewardResult(0.0, False, out.value, info)
         else:
           cause = "timeout" if out.cause == "timeout" else "error"
           info["detail"] = out.detail

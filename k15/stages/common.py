@@ -30,6 +30,7 @@ import jax
 from k15 import checkpoint as ckpt_lib
 from k15 import config_lib, evaluate, faults, sharding, train
 from k15 import metrics as metrics_lib
+from k15 import rewards as rewards_lib
 from k15 import sampler as sampler_lib
 
 EVAL_SEED = 44  # the rng stream of every stage's evaluation
@@ -67,7 +68,7 @@ class Context:
   workdir: str
   s: Any
   tok: Any  # tokenizer.Tokenizer
-  task: Any  # the task module: verify(response, answer), splits, ...
+  task: Any  # the task module: splits, tokenizer_corpus, ...
   problems: Mapping[str, Sequence[Any]]  # sft / rl / eval problem sets
   mesh: jax.sharding.Mesh
   tx: Any  # the RL optimizer (optim)
@@ -75,6 +76,9 @@ class Context:
   sampling: sampler_lib.SamplingConfig  # stop tokens filled in
   abstract: train.TrainState  # sharded ShapeDtypeStructs: restore target
   writer: metrics_lib.MetricWriter
+  # every reward backend (`rewards.score`): the tasks' verifiers, math,
+  # code, and config.reward's RM; closed when the run ends
+  rewards: rewards_lib.RewardPool
   preemption: Preemption = dataclasses.field(default_factory=Preemption)
 
   def rng(self, seed: int, step: int) -> jax.Array:
@@ -102,7 +106,7 @@ class Context:
       sampling=self.sampling,
       gen=self.s.rollout.gen,
       cfg=self.s.eval,
-      verify=self.task.verify,
+      pool=self.rewards,
       shard_fn=self.shard,
     )
 

@@ -5,7 +5,7 @@ sample k responses each from pi_theta_i with the jitted sampler, at most
 `rollout.budget` new tokens per trajectory, together with the unfinished
 trajectories of earlier iterations (partial rollouts, `rollout.partial`);
 take the groups whose k samples have all finished, score them with the
-task's verifier, shape rewards with the length penalty and the repeat
+reward entry point, shape rewards with the length penalty and the repeat
 penalty, form the mean-reward baseline per group, take pi_theta_i's
 log-probs of every token as the reference, reset the optimizer, and take
 several minibatch steps of the mirror-descent loss.
@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from k15 import curriculum, faults, objective, rollout, sharding, train
+from k15 import rewards as rewards_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
-from k15.rewards import reward_model as reward_model_lib
 from k15.stages import common
 
 SEED = 22  # the rng stream of the iterations' sampling
@@ -81,7 +81,6 @@ class Carry:
   state: train.TrainState
   prompts: curriculum.PromptSampler
   buffer: rollout.RolloutBuffer
-  reward_model: Any = None  # config.reward's RM; None: the task verifier
 
 
 def minibatch_rows(s) -> int:
@@ -115,7 +114,6 @@ def _carry(ctx: common.Context, state: train.TrainState) -> Carry:
     state,
     _prompt_sampler(ctx),
     rollout.RolloutBuffer(ro.k, partial=ro.partial),
-    _reward_model(ctx),
   )
 
 
@@ -148,22 +146,20 @@ def _progress(m: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _reward_model(ctx: common.Context):
-  """The RM scoring RL rollouts (config.reward); None when the task's rule
-  verifier scores them."""
-  return reward_model_lib.build(
-    ctx.s.reward, mesh=ctx.mesh, rows=ctx.s.rollout.gen_rows
-  )
-
-
-def _score(ctx, reward_model, groups) -> tuple[np.ndarray, dict]:
-  """0/1 reward of every member of `groups` (flat, in order) and the
-  reward system's metrics."""
+def _score(ctx, groups) -> tuple[np.ndarray, dict]:
+  """The reward of every member of `groups` (flat, in order) and the
+  reward system's metrics: each row routed by its kind through the run's
+  reward pool, or judged by config.reward's RM."""
   trajs = [t for g in groups for t in g.members]
   problems = [ctx.problems["rl"][g.problem] for g in groups for _ in g.members]
-  return reward_model_lib.score(
-    reward_model, ctx.tok, trajs, problems, ctx.task.verify
+  scored = rewards_lib.score(
+    [p.to_item() for p in problems],
+    [ctx.tok.decode(t.response) for t in trajs],
+    [t.status == sampler_lib.STOPPED for t in trajs],
+    pool=ctx.rewards,
+    judge=ctx.s.reward.judge,
   )
+  return scored.scores, scored.metrics
 
 
 # ---------------------------------------------------------------------------
@@ -294,11 +290,11 @@ class Scored(NamedTuple):
   keep: np.ndarray  # the (at most prompts_per_iter) groups trained on
 
 
-def score_groups(ctx, reward_model, it: int, groups) -> tuple[Scored, dict]:
+def score_groups(ctx, it: int, groups) -> tuple[Scored, dict]:
   """Rewards, shaping and advantages of every scored group; which to train
   on (dynamic sampling: those whose rewards differ first)."""
   s, K, G = ctx.s, ctx.s.rollout.k, len(groups)
-  correct, reward_metrics = _score(ctx, reward_model, groups)
+  correct, reward_metrics = _score(ctx, groups)
   trajs = [t for g in groups for t in g.members]
   lengths_GxK = np.array([len(t.response) for t in trajs], np.float32)
   status_GxK = np.array([t.status for t in trajs]).reshape(G, K)
@@ -334,7 +330,7 @@ def update(ctx: common.Context, carry: Carry, it: int, groups):
   Returns (state, metrics, skipped per minibatch update).
   """
   s, ro = ctx.s, ctx.s.rollout
-  sc, reward_metrics = score_groups(ctx, carry.reward_model, it, groups)
+  sc, reward_metrics = score_groups(ctx, it, groups)
   # Reward and accuracy metrics cover every scored group; the update takes
   # at most P of them (dynamic sampling). Rows are laid out for P groups
   # whatever their number (padding rows weigh 0), and responses take a few

@@ -38,10 +38,12 @@ class Problem:
   answer: str
   difficulty: int
   trace: str  # the gold chain of thought + answer (used for warm-up only)
+  kind: str = "arithmetic"  # the reward kind: the task whose verify scores it
 
   def to_item(self) -> dict:
+    """The reward row (`k15.rewards.score`) of this problem."""
     return dict(question=self.question, answer=self.answer,
-                difficulty=self.difficulty, kind="exact")
+                difficulty=self.difficulty, kind=self.kind)
 
 
 def _apply(a: int, op: str, d: int) -> int:

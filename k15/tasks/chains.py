@@ -49,7 +49,7 @@ def make_problem(rng: np.random.Generator, hops: int, num_edges: int
   hops_ab = zip(main[:-1], main[1:], strict=True)
   trace = " " + ", ".join(f"{a}>{b}" for a, b in hops_ab)
   trace += f". answer: {main[-1]}"
-  return Problem(question, main[-1], hops, trace)
+  return Problem(question, main[-1], hops, trace, kind="chains")
 
 
 def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
