@@ -4,14 +4,18 @@ Dimension key (suffixes on tensor names):
   B batch, T tokens of this call, S cache length (keys), D model width,
   H query heads, K kv heads, Dh head dim, F mlp width, V vocab, L layers.
 
-One module serves training, prefill and decode. Every token carries an
-explicit position and segment id (0 = padding), so packed sequences,
-left-padded prompts and a partly filled KV cache all use one mask rule (see
-`attention.attend`). The cache is explicit state passed in and out:
+One definition of a layer, `block`, serves training, prefill and decode:
+`Decoder` (flax, scanned over layers) runs it for training, scoring and
+prefill, and `decode_step` for the sampler's one-token steps. Every token
+carries an explicit position and segment id (0 = padding), so packed
+sequences, left-padded prompts and a partly filled KV cache all use one mask
+rule (see `attention`). The cache is explicit state passed in and out:
 
   cache = {"k": [L,B,S,K,Dh], "v": [L,B,S,K,Dh], "pos": [B,S], "seg": [B,S]}
 
 and a call with a cache writes its T new keys at slots [index, index + T).
+`decode_step` reads the same cache laid out for decode (`decode_cache`):
+per layer, keys [B,K,Dh,S] and values [B,K,S,Dh], in `cache_dtype`.
 Params carry logical axis names (`vocab, embed, mlp, heads, kv_heads,
 head_dim, layers`) that `k15.sharding` maps onto the mesh.
 """

@@ -243,8 +243,8 @@ def _settings(config, *, vocab_size, num_devices) -> Settings:
   return s
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention",
-                   "attention_block", "logits_chunk", "max_len")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "cache_dtype", "remat",
+                   "attention", "attention_block", "logits_chunk", "max_len")
 
 
 def _hf():

@@ -1,6 +1,7 @@
 """Platform attention kernels: cuDNN fused attention on GPU, Pallas splash
 attention on TPU (`attend` falls back to blockwise elsewhere)."""
 
+import functools
 import math
 
 import jax
@@ -63,60 +64,11 @@ def splash_attention(
   (packing, left padding); it is not valid for the zigzag layout or a
   cache. `interpret=True` runs the kernel on CPU for tests.
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_kernel as sk,
-  )
-  from jax.experimental.pallas.ops.tpu.splash_attention import (
-    splash_attention_mask as sm,
-  )
-
   del q_pos_BxT, kv_pos_BxS  # assumed to follow the index (see above)
-  B, T, H, Dh = q_BxTxHxDh.shape
-  K = k_BxSxKxDh.shape[2]
-  G = H // K
+  T = q_BxTxHxDh.shape[1]
   b = min(block, -(-T // 128) * 128)
   Tp = -(-T // b) * b
-  batch, head = (None, None) if mesh is None else batch_head_specs(mesh)
-
-  def local(q, k, v, q_seg, kv_seg):
-    Bl, _, Hl, _ = q.shape
-    Kl = k.shape[2]
-    q = q.reshape(Bl, Tp, Kl, G, Dh) * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)
-    mask = sm.MultiHeadMask([sm.CausalMask((Tp, Tp)) for _ in range(G)])
-    sizes = sk.BlockSizes(
-      block_q=b,
-      block_kv=b,
-      block_kv_compute=b,
-      block_q_dkv=b,
-      block_kv_dkv=b,
-      block_kv_dkv_compute=b,
-      block_q_dq=b,
-      block_kv_dq=b,
-    )
-    kernel = sk.make_splash_mqa(
-      mask,
-      block_sizes=sizes,
-      head_shards=1,
-      q_seq_shards=1,
-      interpret=interpret,
-    )
-
-    def one(q_GxTxDh, k_TxDh, v_TxDh, q_seg_T, kv_seg_T):
-      ids = sk.SegmentIds(q=q_seg_T, kv=kv_seg_T)
-      return kernel(q_GxTxDh, k_TxDh, v_TxDh, segment_ids=ids)
-
-    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
-    out_BxKxGxTxDh = jax.vmap(per_head)(
-      jnp.einsum("btkgd->bkgtd", q),
-      jnp.einsum("btkd->bktd", k),
-      jnp.einsum("btkd->bktd", v),
-      q_seg,
-      kv_seg,
-    )
-    out = jnp.einsum("bkgtd->btkgd", out_BxKxGxTxDh).reshape(Bl, Tp, Hl, Dh)
-    # Segment-0 rows attend each other inside splash; the rule gives zeros.
-    return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
-
+  local = functools.partial(_splash_local, block=b, interpret=interpret)
   args = (
     pad_len(q_BxTxHxDh, 1, Tp),
     pad_len(k_BxSxKxDh, 1, Tp),
@@ -126,6 +78,7 @@ def splash_attention(
   )
   if mesh is None:
     return local(*args)[:, :T]
+  batch, head = batch_head_specs(mesh)
   x_spec, id_spec = P(batch, None, head, None), P(batch, None)
   specs = (x_spec,) * 3 + (id_spec,) * 2
   explicit = explicit_axes(mesh)
@@ -140,3 +93,53 @@ def splash_attention(
   if explicit:
     out = reshard(out, mesh, out_spec)
   return out[:, :T]
+
+
+def _splash_local(q, k, v, q_seg, kv_seg, *, block: int, interpret: bool):
+  """Splash on one device's [B, Tp, ...] blocks (Tp a multiple of block)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as sk,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as sm,
+  )
+
+  B, Tp, H, Dh = q.shape
+  K = k.shape[2]
+  G = H // K
+  b = block
+  q = q.reshape(B, Tp, K, G, Dh) * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)
+  mask = sm.MultiHeadMask([sm.CausalMask((Tp, Tp)) for _ in range(G)])
+  sizes = sk.BlockSizes(
+    block_q=b,
+    block_kv=b,
+    block_kv_compute=b,
+    block_q_dkv=b,
+    block_kv_dkv=b,
+    block_kv_dkv_compute=b,
+    block_q_dq=b,
+    block_kv_dq=b,
+  )
+  kernel = sk.make_splash_mqa(
+    mask,
+    block_sizes=sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    interpret=interpret,
+  )
+
+  def one(q_GxTxDh, k_TxDh, v_TxDh, q_seg_T, kv_seg_T):
+    ids = sk.SegmentIds(q=q_seg_T, kv=kv_seg_T)
+    return kernel(q_GxTxDh, k_TxDh, v_TxDh, segment_ids=ids)
+
+  per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
+  out_BxKxGxTxDh = jax.vmap(per_head)(
+    jnp.einsum("btkgd->bkgtd", q),
+    jnp.einsum("btkd->bktd", k),
+    jnp.einsum("btkd->bktd", v),
+    q_seg,
+    kv_seg,
+  )
+  out = jnp.einsum("bkgtd->btkgd", out_BxKxGxTxDh).reshape(B, Tp, H, Dh)
+  # Segment-0 rows attend each other inside splash; the rule gives zeros.
+  return jnp.where((q_seg != 0)[:, :, None, None], out, 0).astype(q.dtype)
