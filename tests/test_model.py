@@ -125,8 +125,9 @@ def test_prefill_then_decode_equals_full_forward(rng, cfg):
   [
     (CFG, 1e-5),
     (dataclasses.replace(CFG, tie_embeddings=False, qkv_bias=True), 1e-5),
-    # a bfloat16 cache under a float32 model: keys and values rounded
-    (dataclasses.replace(CFG, cache_dtype="bfloat16"), 2e-2),
+    # a bfloat16 cache under a float32 model: keys and values rounded to
+    # 8 bits of mantissa, logits up to ~10
+    (dataclasses.replace(CFG, cache_dtype="bfloat16"), 1e-1),
   ],
   ids=["tied", "untied_bias", "bf16_cache"],
 )

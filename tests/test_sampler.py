@@ -658,6 +658,6 @@ def test_merged_blocks_decode_as_one_call_at_the_longest_bucket():
   with pytest.raises(ValueError, match="do not fit"):
     sampler.merge_rows(states, 3)
   # placements compile per (block, call) shape, not per combination
-  n = sampler.loop._place_rows._cache_size()
+  n = sampler._place_rows._cache_size()
   sampler.merge_rows([states[1], states[0]], 5, pad_id=PAD)
-  assert sampler.loop._place_rows._cache_size() == n
+  assert sampler._place_rows._cache_size() == n

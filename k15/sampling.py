@@ -6,7 +6,7 @@ by inverting its CDF (`sample_cdf`, the default) or with Gumbel noise
 model at temperature 1 (what the loss uses) and under the sampling
 distribution. A row stops on a stop token, at its budget, at its own length
 limit, at the end of the cache, or when it repeats itself (`detect_repeat`).
-All pure and jittable; the decode loop (`k15.sampler.loop`) applies them.
+All pure and jittable; the decode loop (`k15.sampler`) applies them.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ class SamplingConfig:
 # ---------------------------------------------------------------------------
 
 
-def _filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+def filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """Tempered logits with what top-k / top-p cut set to -inf."""
   x = logits_BxV / max(cfg.temperature, 1e-6)
   if cfg.top_k > 0:
     kth = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
@@ -146,7 +147,7 @@ def sample_token(rng, logits_BxV, cfg: SamplingConfig):
   """Returns (token [B], logp at T=1 [B], logp under sampling dist [B])."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   plain = cfg.temperature == 1.0 and cfg.top_k == 0 and cfg.top_p >= 1.0
-  filt = logits_BxV if plain else _filter_logits(logits_BxV, cfg)
+  filt = logits_BxV if plain else filter_logits(logits_BxV, cfg)
   if cfg.temperature <= 0:
     tok = jnp.argmax(logits_BxV, axis=-1)
   elif cfg.method == "cdf":

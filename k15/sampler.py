@@ -1,4 +1,4 @@
-"""The decode loop: jitted `prefill` then `decode` over an explicit KV cache.
+"""The jitted sampler: `prefill` then `decode` over an explicit KV cache.
 
 Prompts are left-padded to a fixed bucket P, so every row writes its next key
 at the same cache slot and one scalar `index` addresses the cache; each row's
@@ -12,8 +12,8 @@ the first new token; `decode` is a `lax.while_loop` (one per chunk of
 cache) that feeds one token per step through `model.decode_step` (the
 model's own blocks, over per-layer weights and a cache laid out for decode:
 see `k15.model` and `k15.attention.decode`) and exits as soon as every row
-has stopped. How a token is drawn and when a row stops are
-`k15.sampler.rules`.
+has stopped. How a token is drawn and when a row stops are the rules of
+`k15.sampling`, whose public names this module re-exports.
 """
 
 from __future__ import annotations
@@ -27,10 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from k15 import model as model_lib
-from k15.sampler.rules import (
+from k15.sampling import (  # noqa: F401 - re-exported: the sampler's API
+  BUDGET,
+  MAX_LEN,
+  METHODS,
+  REPEAT,
   RUNNING,
+  STATUS_NAMES,
   STOPPED,
   SamplingConfig,
+  detect_repeat,
+  sample_cdf,
   sample_token,
   update_status,
 )
