@@ -47,8 +47,9 @@ _NO_LIMIT = np.iinfo(np.int32).max
 
 @flax.struct.dataclass
 class SamplingState:
-  # {"k": L x [B, K, Dh, S], "v": L x [B, K, S, Dh], "pos": [B, S],
-  #  "seg": [B, S]}: one array per layer, so decode updates it in place
+  # `model.decode_cache`: {"k": L x [B, K, Dh, S], "v": L x [B, K, S, Dh],
+  #  "pos": [B, S], "seg": [B, S]} in model.cache_dtype; one array per
+  #  layer, so decode updates it in place
   cache: dict
   index: jax.Array  # [] next cache slot to write
   last_token: jax.Array  # [B] token to feed next
