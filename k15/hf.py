@@ -178,7 +178,7 @@ def _rope_from_hf(hf: Mapping[str, Any], where: str) -> tuple[float, str]:
 def _rope_to_hf(model: model_lib.ModelConfig) -> dict[str, Any] | None:
   if not model.rope_scaling:
     return None
-  kind, p = model_lib._parse_rope_scaling(model.rope_scaling)
+  kind, p = model_lib.parse_rope_scaling(model.rope_scaling)
   out: dict[str, Any] = dict(rope_type=kind, **p)
   if "original_max_position_embeddings" in out:
     out["original_max_position_embeddings"] = int(
@@ -194,8 +194,8 @@ def _check_matches(
   for field, hf_name in _HF_NAMES.items():
     ours, theirs = getattr(model, field), getattr(want, field)
     if field == "rope_scaling":
-      same = (model_lib._parse_rope_scaling(ours) if ours else None) == (
-        model_lib._parse_rope_scaling(theirs) if theirs else None
+      same = (model_lib.parse_rope_scaling(ours) if ours else None) == (
+        model_lib.parse_rope_scaling(theirs) if theirs else None
       )
     elif field == "qkv_bias" and theirs and not ours:
       continue  # allowed when the biases are all zero; checked on load

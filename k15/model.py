@@ -4,14 +4,18 @@ Dimension key (suffixes on tensor names):
   B batch, T tokens of this call, S cache length (keys), D model width,
   H query heads, K kv heads, Dh head dim, F mlp width, V vocab, L layers.
 
-One module serves training, prefill and decode. Every token carries an
-explicit position and segment id (0 = padding), so packed sequences,
-left-padded prompts and a partly filled KV cache all use one mask rule (see
-`attention.attend`). The cache is explicit state passed in and out:
+One definition of a layer, `block`, serves training, prefill and decode:
+`Decoder` (flax, scanned over layers) runs it for training, scoring and
+prefill, and `decode_step` for the sampler's one-token steps. Every token
+carries an explicit position and segment id (0 = padding), so packed
+sequences, left-padded prompts and a partly filled KV cache all use one mask
+rule (see `attention`). The cache is explicit state passed in and out:
 
   cache = {"k": [L,B,S,K,Dh], "v": [L,B,S,K,Dh], "pos": [B,S], "seg": [B,S]}
 
 and a call with a cache writes its T new keys at slots [index, index + T).
+`decode_step` reads the same cache laid out for decode (`decode_cache`):
+per layer, keys [B,K,Dh,S] and values [B,K,S,Dh], in `cache_dtype`.
 Params carry logical axis names (`vocab, embed, mlp, heads, kv_heads,
 head_dim, layers`) that `k15.sharding` maps onto the mesh.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +36,7 @@ from k15 import attention
 
 Params = Any
 Cache = dict[str, jax.Array]
+_CACHE_DTYPES = ("", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +59,11 @@ class ModelConfig:
   tie_embeddings: bool = True
   qkv_bias: bool = False
   norm_eps: float = 1e-6
-  dtype: str = "float32"  # activations and KV cache
+  dtype: str = "float32"  # activations
+  # KV cache: "" = `dtype`. float32 with a bf16 `dtype` trades memory for
+  # speed on CPU (XLA:CPU round-trips a bf16 cache through f32 around every
+  # write, and its bf16 batched matmuls are slower).
+  cache_dtype: str = ""
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots
   attention: str = "dense"  # dense | blockwise | ring | cudnn | splash
@@ -75,6 +85,10 @@ class ModelConfig:
           f"model.num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"model.head_dim={self.head_dim} must be even (RoPE)")
+    if self.cache_dtype not in _CACHE_DTYPES:
+      raise ValueError(
+          f"model.cache_dtype={self.cache_dtype!r}: \"\" (= model.dtype) | "
+          + " | ".join(_CACHE_DTYPES[1:]))
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat={self.remat!r}: none | full | dots")
     rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
@@ -82,6 +96,10 @@ class ModelConfig:
   @property
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_cache_dtype(self):
+    return jnp.dtype(self.cache_dtype or self.dtype)
 
   def num_params(self) -> int:
     D, F, V = self.d_model, self.mlp_dim, self.vocab_size
@@ -99,7 +117,7 @@ def _param(module, name, init, shape, axes, dtype):
                       jnp.dtype(dtype))
 
 
-def _parse_rope_scaling(spec: str) -> tuple[str, dict[str, float]]:
+def parse_rope_scaling(spec: str) -> tuple[str, dict[str, float]]:
   kind, _, args = spec.partition(":")
   params = {}
   for part in filter(None, args.split(",")):
@@ -122,7 +140,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: str = ""
       np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
   if not scaling:
     return inv.astype(np.float32)
-  kind, p = _parse_rope_scaling(scaling)
+  kind, p = parse_rope_scaling(scaling)
   need = {"linear": {"factor"},
           "llama3": {"factor", "low_freq_factor", "high_freq_factor",
                      "original_max_position_embeddings"}}.get(kind)
@@ -159,21 +177,97 @@ def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float,
   return out.astype(x_BxTxNxDh.dtype)
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x_BxTxD, scale_D, cfg: ModelConfig):
+  """RMSNorm in float32, returned in the activation dtype."""
+  x = x_BxTxD.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps)
+  return (x * scale_D.astype(jnp.float32)).astype(cfg.jnp_dtype)
+
+
+class NormScale(nn.Module):
+  """A norm's learned scale, as param `<name>/scale` ([D], ones)."""
+
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD):
-    scale = _param(self, "scale", nn.initializers.ones, (x_BxTxD.shape[-1],),
-                   ("embed",), self.cfg.param_dtype)
-    x = x_BxTxD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
-                          + self.cfg.norm_eps)
-    return (x * scale.astype(jnp.float32)).astype(self.cfg.jnp_dtype)
+  def __call__(self):
+    return _param(self, "scale", nn.initializers.ones, (self.cfg.d_model,),
+                  ("embed",), self.cfg.param_dtype)
+
+
+# einsum letters of every projection: (input, the weight's input axes, its
+# output axes). Params hold [in..., out...]; `decode_weights` 2-D [out, in].
+_PROJ = dict(
+    q=("btd", "d", "hk"), k=("btd", "d", "hk"), v=("btd", "d", "hk"),
+    o=("bthk", "hk", "d"),
+    gate=("btd", "d", "f"), up=("btd", "d", "f"), down=("btf", "f", "d"),
+    logits=("btd", "d", "v"))
+
+
+def project(x, w, name: str, dt, *, decode: bool = False):
+  """x @ w for projection `name`, in dtype dt: [B, T, out...].
+
+  decode: w is `decode_weights`' [out, in], and the output [B, T, out]
+  flat. x @ w.T, contracting both minor axes, is the faster matmul on
+  XLA:CPU (1.4x for the MLP and the logits at 32 rows); it accumulates in
+  float32, which is XLA:CPU's fast bf16 path. (3-D [out..., in...] weights
+  made XLA:CPU copy them into a matmul layout every step.)
+  """
+  x_sub, w_in, w_out = _PROJ[name]
+  if decode:
+    B, T = x.shape[:2]
+    return jnp.einsum("bti,oi->bto", x.reshape(B, T, -1), w,
+                      preferred_element_type=jnp.float32).astype(dt)
+  return jnp.einsum(f"{x_sub},{w_in}{w_out}->bt{w_out}", x, w.astype(dt))
+
+
+def block(w: dict, x_BxTxD, pos_BxT, attend, *, cfg: ModelConfig,
+          decode: bool = False):
+  """Pre-norm attention + SwiGLU: the one definition of a layer, which
+  training, prefill (`Block`) and decode (`decode_step`) all run.
+
+  w: the layer's weights under Block's param names. attend(q_BxTxHxDh,
+  k_BxTxKxDh, v_BxTxKxDh) -> (out_BxTxHxDh, new layer kv) is the caller's
+  attention: it writes the new keys where its cache keeps them and reads
+  them back. decode: w as `decode_weights` lays it out, and no sharding
+  constraints (one token per row has no length to split).
+  Returns (x_BxTxD, new layer kv).
+  """
+  dt = cfg.jnp_dtype
+  B, T = x_BxTxD.shape[:2]
+  H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  proj = functools.partial(project, dt=dt, decode=decode)
+
+  def constrain(x, names):
+    return x if decode else nn.with_logical_constraint(x, names)
+
+  x_BxTxD = constrain(
+      x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+  h = rms_norm(x_BxTxD, w["attn_norm"], cfg)
+  q_BxTxHxDh = proj(h, w["q"], "q").reshape(B, T, H, Dh)
+  k_BxTxKxDh = proj(h, w["k"], "k").reshape(B, T, K, Dh)
+  v_BxTxKxDh = proj(h, w["v"], "v").reshape(B, T, K, Dh)
+  if cfg.qkv_bias:
+    q_BxTxHxDh += w["q_bias"].astype(dt)
+    k_BxTxKxDh += w["k_bias"].astype(dt)
+    v_BxTxKxDh += w["v_bias"].astype(dt)
+  q_BxTxHxDh = rope(q_BxTxHxDh, pos_BxT, cfg.rope_theta, cfg.rope_scaling)
+  k_BxTxKxDh = rope(k_BxTxKxDh, pos_BxT, cfg.rope_theta, cfg.rope_scaling)
+  out_BxTxHxDh, new_kv = attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh)
+  x_BxTxD = x_BxTxD + proj(out_BxTxHxDh, w["o"], "o")
+
+  h = rms_norm(x_BxTxD, w["mlp_norm"], cfg)
+  g_BxTxF = proj(h, w["gate"], "gate")
+  u_BxTxF = proj(h, w["up"], "up")
+  g_BxTxF = constrain(
+      g_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
+  x_BxTxD = x_BxTxD + proj(nn.silu(g_BxTxF) * u_BxTxF, w["down"], "down")
+  return x_BxTxD, new_kv
 
 
 class Block(nn.Module):
-  """Pre-norm attention + SwiGLU block. Returns (x, new layer kv or None)."""
+  """A layer's params, run through `block` with `attention.attend` over
+  this call's keys or a [B, S, K, Dh] cache. Returns (x, new kv or None)."""
 
   cfg: ModelConfig
 
@@ -183,67 +277,49 @@ class Block(nn.Module):
     cfg = self.cfg
     D, H, K, Dh, F = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                       cfg.head_dim, cfg.mlp_dim)
-    dt, pdt = cfg.jnp_dtype, cfg.param_dtype
+    pdt = cfg.param_dtype
     # fan-in is D for q/k/v ([D, heads, Dh]) and H*Dh for o ([H, Dh, D]);
     # the default (in_axis=-2) would take the head count as fan-in.
     init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
     init_o = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-    x_BxTxD = nn.with_logical_constraint(
-        x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
-
-    h = RMSNorm(cfg, name="attn_norm")(x_BxTxD)
-    wq = _param(self, "q", init, (D, H, Dh), ("embed", "heads", "head_dim"),
-                pdt)
-    wk = _param(self, "k", init, (D, K, Dh), ("embed", "kv_heads", "head_dim"),
-                pdt)
-    wv = _param(self, "v", init, (D, K, Dh), ("embed", "kv_heads", "head_dim"),
-                pdt)
-    wo = _param(self, "o", init_o, (H, Dh, D), ("heads", "head_dim", "embed"),
-                pdt)
-    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", h, wq.astype(dt))
-    k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", h, wk.astype(dt))
-    v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", h, wv.astype(dt))
+    # declared in this order: params draw their init keys in turn
+    w = dict(attn_norm=NormScale(cfg, name="attn_norm")())
+    w["q"] = _param(self, "q", init, (D, H, Dh),
+                    ("embed", "heads", "head_dim"), pdt)
+    w["k"] = _param(self, "k", init, (D, K, Dh),
+                    ("embed", "kv_heads", "head_dim"), pdt)
+    w["v"] = _param(self, "v", init, (D, K, Dh),
+                    ("embed", "kv_heads", "head_dim"), pdt)
+    w["o"] = _param(self, "o", init_o, (H, Dh, D),
+                    ("heads", "head_dim", "embed"), pdt)
     if cfg.qkv_bias:
-      zeros = nn.initializers.zeros
-      q_BxTxHxDh += _param(self, "q_bias", zeros, (H, Dh),
-                           ("heads", "head_dim"), pdt).astype(dt)
-      k_BxTxKxDh += _param(self, "k_bias", zeros, (K, Dh),
-                           ("kv_heads", "head_dim"), pdt).astype(dt)
-      v_BxTxKxDh += _param(self, "v_bias", zeros, (K, Dh),
-                           ("kv_heads", "head_dim"), pdt).astype(dt)
-    q_BxTxHxDh = rope(q_BxTxHxDh, q_pos_BxT, cfg.rope_theta,
-                      cfg.rope_scaling)
-    k_BxTxKxDh = rope(k_BxTxKxDh, q_pos_BxT, cfg.rope_theta,
-                      cfg.rope_scaling)
-
-    if layer_kv is None:  # training / scoring: keys are this call's tokens
-      keys, values, new_kv = k_BxTxKxDh, v_BxTxKxDh, None
-    else:  # write into the cache, attend over all of it
-      k_BxSxKxDh, v_BxSxKxDh = layer_kv
-      keys = jax.lax.dynamic_update_slice_in_dim(
-          k_BxSxKxDh, k_BxTxKxDh.astype(k_BxSxKxDh.dtype), index, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(
-          v_BxSxKxDh, v_BxTxKxDh.astype(v_BxSxKxDh.dtype), index, axis=1)
-      new_kv = (keys, values)
-    out_BxTxHxDh = attention.attend(
-        q_BxTxHxDh, keys, values, q_pos_BxT=q_pos_BxT, q_seg_BxT=q_seg_BxT,
-        kv_pos_BxS=kv_pos_BxS, kv_seg_BxS=kv_seg_BxS, impl=cfg.attention,
-        block_q=cfg.attention_block, block_kv=cfg.attention_block)
-    x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", out_BxTxHxDh,
-                                   wo.astype(dt))
-
-    h = RMSNorm(cfg, name="mlp_norm")(x_BxTxD)
+      for name, n, axis in (("q", H, "heads"), ("k", K, "kv_heads"),
+                            ("v", K, "kv_heads")):
+        w[f"{name}_bias"] = _param(self, f"{name}_bias", nn.initializers.zeros,
+                                   (n, Dh), (axis, "head_dim"), pdt)
+    w["mlp_norm"] = NormScale(cfg, name="mlp_norm")()
     init = nn.initializers.lecun_normal()  # 2-D kernels: [in, out]
-    w_gate = _param(self, "gate", init, (D, F), ("embed", "mlp"), pdt)
-    w_up = _param(self, "up", init, (D, F), ("embed", "mlp"), pdt)
-    w_down = _param(self, "down", init, (F, D), ("mlp", "embed"), pdt)
-    g_BxTxF = jnp.einsum("btd,df->btf", h, w_gate.astype(dt))
-    u_BxTxF = jnp.einsum("btd,df->btf", h, w_up.astype(dt))
-    g_BxTxF = nn.with_logical_constraint(
-        g_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
-    x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", nn.silu(g_BxTxF) * u_BxTxF,
-                                   w_down.astype(dt))
-    return x_BxTxD, new_kv
+    w["gate"] = _param(self, "gate", init, (D, F), ("embed", "mlp"), pdt)
+    w["up"] = _param(self, "up", init, (D, F), ("embed", "mlp"), pdt)
+    w["down"] = _param(self, "down", init, (F, D), ("mlp", "embed"), pdt)
+
+    def attend(q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh):
+      if layer_kv is None:  # training / scoring: keys are this call's tokens
+        keys, values, new_kv = k_BxTxKxDh, v_BxTxKxDh, None
+      else:  # write into the cache, attend over all of it
+        k_BxSxKxDh, v_BxSxKxDh = layer_kv
+        keys = jax.lax.dynamic_update_slice_in_dim(
+            k_BxSxKxDh, k_BxTxKxDh.astype(k_BxSxKxDh.dtype), index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(
+            v_BxSxKxDh, v_BxTxKxDh.astype(v_BxSxKxDh.dtype), index, axis=1)
+        new_kv = (keys, values)
+      out_BxTxHxDh = attention.attend(
+          q_BxTxHxDh, keys, values, q_pos_BxT=q_pos_BxT, q_seg_BxT=q_seg_BxT,
+          kv_pos_BxS=kv_pos_BxS, kv_seg_BxS=kv_seg_BxS, impl=cfg.attention,
+          block_q=cfg.attention_block, block_kv=cfg.attention_block)
+      return out_BxTxHxDh, new_kv
+
+    return block(w, x_BxTxD, q_pos_BxT, attend, cfg=cfg)
 
 
 class Decoder(nn.Module):
@@ -271,7 +347,7 @@ class Decoder(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                  nn.broadcast), length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-    self.final_norm = RMSNorm(cfg)
+    self.final_norm = NormScale(cfg)
 
   def __call__(self, tokens_BxT, pos_BxT, seg_BxT, cache: Cache | None = None,
                index=0, return_hidden: bool = False):
@@ -291,7 +367,7 @@ class Decoder(nn.Module):
       layer_kv = (cache["k"], cache["v"])
     x_BxTxD, new_kv = self.layers(x_BxTxD, layer_kv, pos_BxT, seg_BxT,
                                   kv_pos, kv_seg, index)
-    h_BxTxD = self.final_norm(x_BxTxD)
+    h_BxTxD = rms_norm(x_BxTxD, self.final_norm(), self.cfg)
     new_cache = None
     if cache is not None:
       new_cache = dict(k=new_kv[0], v=new_kv[1], pos=kv_pos, seg=kv_seg)
@@ -301,8 +377,8 @@ class Decoder(nn.Module):
 
   def logits(self, h_BxTxD):
     w_DxV = (self.embedding.T if self.cfg.tie_embeddings else self.lm_head)
-    logits = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype))
-    return logits.astype(jnp.float32)
+    return project(h_BxTxD, w_DxV, "logits", h_BxTxD.dtype).astype(
+        jnp.float32)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
@@ -312,6 +388,109 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
               v=jnp.zeros(shape, cfg.jnp_dtype),
               pos=jnp.zeros((batch, length), jnp.int32),
               seg=jnp.zeros((batch, length), jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# Decode: one new token per row, through the same `block`
+# ---------------------------------------------------------------------------
+# XLA:CPU copies every slice of a stacked [L, ...] array that feeds a matmul
+# (on CPU that copy cost as much as the matmuls), so decode keeps weights
+# and cache one array per layer, sliced once per sampler `decode` call
+# rather than once per step (slicing inside the step peaked at the same
+# memory on XLA:CPU and was 13% slower for a 75M model; on TPU the slices
+# are views either way).
+
+# the slot axis of each decode cache entry (keys [B, K, Dh, S], values
+# [B, K, S, Dh]: see `attention.decode`)
+DECODE_SLOT_AXES = dict(k=attention.decode.KEY_SLOT_AXIS,
+                        v=attention.decode.VALUE_SLOT_AXIS, pos=1, seg=1)
+
+
+def decode_weights(params: Params, cfg: ModelConfig) -> dict:
+  """The weights `decode_step` reads: per layer, Block's weights with each
+  matrix as 2-D [out, in] in the compute dtype (see `project`); the output
+  head as [V, D]."""
+  p = nn.unbox(params)
+  p = p["params"] if "params" in p else p
+  dt = cfg.jnp_dtype
+
+  def out_in(name, x):
+    n_in = len(_PROJ[name][1])
+    return x.reshape(math.prod(x.shape[:n_in]), -1).T.astype(dt)
+
+  lp = p["layers"]
+  layers = []
+  for i in range(cfg.num_layers):
+    w = {name: out_in(name, lp[name][i])
+         for name in ("q", "k", "v", "o", "gate", "up", "down")}
+    w.update(attn_norm=lp["attn_norm"]["scale"][i],
+             mlp_norm=lp["mlp_norm"]["scale"][i])
+    if cfg.qkv_bias:
+      w.update({f"{n}_bias": lp[f"{n}_bias"][i].astype(dt) for n in "qkv"})
+    layers.append(w)
+  out_VxD = p["embedding"] if cfg.tie_embeddings else p["lm_head"].T
+  return dict(embedding=p["embedding"], out=out_VxD.astype(dt),
+              final_norm=p["final_norm"]["scale"], layers=tuple(layers))
+
+
+def decode_cache(cache: Cache, length: int, cfg: ModelConfig) -> Cache:
+  """The prefill cache ([L, B, P, K, Dh] keys and values, in the activation
+  dtype, as the trainer's forward sees them) as `decode_step` reads it: in
+  `cfg.cache_dtype`, per layer, keys [B, K, Dh, S] and values [B, K, S, Dh],
+  with S - P empty slots (segment 0) after the prompt (S = length)."""
+  pad = length - cache["pos"].shape[1]
+  cdt = cfg.jnp_cache_dtype
+  kv = [attention.decode.from_model_layout(k.astype(cdt), v.astype(cdt),
+                                           length)
+        for k, v in zip(cache["k"], cache["v"], strict=True)]
+  return dict(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
+              pos=jnp.pad(cache["pos"], ((0, 0), (0, pad))),
+              seg=jnp.pad(cache["seg"], ((0, 0), (0, pad))))
+
+
+def decode_step(w: dict, tok_B, pos_B, seg_B, cache: Cache, index, *,
+                cfg: ModelConfig):
+  """Logits [B, V] (f32) for one new token per row, and `cache` (a
+  `decode_cache`) with its keys and values written at slot `index`.
+
+  The same `block`s, norm and head as `Decoder`, over `decode_weights`,
+  with `attention.decode` as each layer's attention.
+  """
+  dt = cfg.jnp_dtype
+  x_Bx1xD = w["embedding"].astype(dt)[tok_B[:, None]]
+  kv_pos_BxS = jax.lax.dynamic_update_slice_in_dim(
+      cache["pos"], pos_B[:, None], index, axis=1)
+  kv_seg_BxS = jax.lax.dynamic_update_slice_in_dim(
+      cache["seg"], seg_B[:, None], index, axis=1)
+  mask_BxS = attention.attention_mask(pos_B[:, None], seg_B[:, None],
+                                      kv_pos_BxS, kv_seg_BxS)[:, 0]
+  ks, vs = [], []
+  for lw, k, v in zip(w["layers"], cache["k"], cache["v"], strict=True):
+    attend = functools.partial(attention.decode.attend, layer_kv=(k, v),
+                               mask_BxS=mask_BxS, index=index)
+    x_Bx1xD, (k, v) = block(lw, x_Bx1xD, pos_B[:, None], attend, cfg=cfg,
+                            decode=True)
+    ks.append(k)
+    vs.append(v)
+  h_Bx1xD = rms_norm(x_Bx1xD, w["final_norm"], cfg)
+  # rounded to the compute dtype first, as `Decoder.logits` does
+  logits_Bx1xV = project(h_Bx1xD, w["out"], "logits", dt, decode=True)
+  return logits_Bx1xV[:, 0].astype(jnp.float32), dict(
+      k=tuple(ks), v=tuple(vs), pos=kv_pos_BxS, seg=kv_seg_BxS)
+
+
+def cut_cache(cache: Cache, length: int) -> Cache:
+  """A decode cache's first `length` slots."""
+  return {name: jax.tree.map(
+      lambda x, a=DECODE_SLOT_AXES[name]: jax.lax.slice_in_dim(
+          x, 0, length, axis=a), entry) for name, entry in cache.items()}
+
+
+def paste_cache(full: Cache, cut: Cache) -> Cache:
+  """Decode cache `full` with its first slots replaced by `cut`'s."""
+  return jax.tree.map(
+      lambda f, c: jax.lax.dynamic_update_slice(f, c, (0,) * f.ndim),
+      full, cut)
 
 
 def output_weight(params: Params, cfg: ModelConfig) -> jax.Array:

@@ -105,8 +105,9 @@ _SECTIONS = {
 }
 # with config.init the architecture comes from the checkpoint; the config
 # keeps the runtime fields
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention",
-                   "attention_block", "logits_chunk", "max_len")  # fmt: skip
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "cache_dtype", "remat",
+                   "attention", "attention_block", "logits_chunk",
+                   "max_len")  # fmt: skip
 
 
 def settings(

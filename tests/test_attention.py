@@ -157,7 +157,7 @@ def test_splash_kernel_matches_dense_in_interpret_mode(rng):
 
   ref = grads(lambda q, k, v: attention.dense_attention(q, k, v, *ids))
   got = grads(
-    lambda q, k, v: attention._splash_attention(
+    lambda q, k, v: attention.kernels.splash_attention(
       q, k, v, *ids, block=128, mesh=mesh, interpret=True
     )
   )
@@ -250,8 +250,8 @@ def test_zigzag_balances_computed_blocks():
   perm = attention.zigzag_permutation(T, n)
   zig = [x[:, perm] for x in args]
   kw = dict(mesh=_mesh((2, 1, 1, n)), block_q=8, block_kv=8)
-  zz = attention._ring_block_counts(*zig, **kw).reshape(-1)
-  flat = attention._ring_block_counts(*args, **kw).reshape(-1)
+  zz = attention.ring.block_counts(*zig, **kw).reshape(-1)
+  flat = attention.ring.block_counts(*args, **kw).reshape(-1)
   # Per data shard: 8 q blocks x 8 kv blocks, causal: 36 live of 64.
   assert zz.sum() == flat.sum() == 2 * 36
   np.testing.assert_array_equal(zz, np.full(2 * n, 36 // n))

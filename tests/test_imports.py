@@ -149,12 +149,8 @@ def _private_uses(path: str, known: set[str]) -> list[str]:
   return out
 
 
-# Uses that predate this check, in modules other branches of issue #14 are
-# reworking (model.py: onepass; reward_model.py: rewards-leaf). Remove an
-# entry once its branch has merged; nothing may be added.
-KNOWN_PRIVATE_USES = {
-  "k15.hf": {"model_lib._parse_rope_scaling"},
-}
+# Uses that predate this check; nothing may be added.
+KNOWN_PRIVATE_USES: dict[str, set[str]] = {}
 
 
 def test_no_private_helpers_across_modules():

@@ -120,6 +120,68 @@ def test_prefill_then_decode_equals_full_forward(rng, cfg):
   )
 
 
+@pytest.mark.parametrize(
+  "cfg, tol",
+  [
+    (CFG, 1e-5),
+    (dataclasses.replace(CFG, tie_embeddings=False, qkv_bias=True), 1e-5),
+    # a bfloat16 cache under a float32 model: keys and values rounded to
+    # 8 bits of mantissa, logits up to ~10
+    (dataclasses.replace(CFG, cache_dtype="bfloat16"), 1e-1),
+  ],
+  ids=["tied", "untied_bias", "bf16_cache"],
+)
+def test_decode_step_equals_full_forward(rng, cfg, tol):
+  """`decode_step` (the sampler's path: the same `block`s over
+  `decode_weights` and a `decode_cache`) after a prefill gives the full
+  forward's logits, step after step."""
+  params = _params(cfg, seed=2)
+  if cfg.qkv_bias:
+    params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.3 if "bias" in jax.tree_util.keystr(p) else x,
+      params,
+    )
+  P, N, S = 5, 6, 13
+  lengths = [5, 2, 1]
+  B = len(lengths)
+  seq_BxT = rng.integers(1, cfg.vocab_size, (B, P + N)).astype(np.int32)
+  seg_BxT = np.ones((B, P + N), np.int32)
+  for b, n in enumerate(lengths):
+    seg_BxT[b, : P - n] = 0
+  full_BxTxV = _full_logits(params, seq_BxT, seg_BxT, cfg)
+  pos_BxP = model_lib.positions_from_segments(jnp.asarray(seg_BxT[:, :P]))
+  _, cache = _apply(
+    params,
+    seq_BxT[:, :P],
+    pos_BxP,
+    seg_BxT[:, :P],
+    model_lib.init_cache(cfg, B, P),
+    0,
+    cfg=cfg,
+  )
+  cache = model_lib.decode_cache(cache, S, cfg)
+  assert cache["k"][0].shape == (B, cfg.num_kv_heads, cfg.head_dim, S)
+  assert cache["v"][0].dtype == cfg.jnp_cache_dtype
+  w = model_lib.decode_weights(params, cfg)
+  step = jax.jit(functools.partial(model_lib.decode_step, cfg=cfg))
+  for t in range(N):
+    logits_BxV, cache = step(
+      w,
+      jnp.asarray(seq_BxT[:, P + t]),
+      jnp.asarray(lengths) + t,
+      jnp.ones((B,), jnp.int32),
+      cache,
+      P + t,
+    )
+    np.testing.assert_allclose(
+      np.asarray(logits_BxV),
+      full_BxTxV[:, P + t],
+      atol=tol,
+      rtol=tol,
+      err_msg=f"decode step {t}",
+    )
+
+
 def test_left_padding_does_not_change_logits(rng):
   """A row's logits depend neither on padding before it nor tokens after."""
   params = _params()
@@ -252,6 +314,7 @@ def test_untied_head_has_its_own_axes():
     (dict(num_layers=-1), "num_layers"),
     (dict(vocab_size=-8), "vocab_size"),
     (dict(logits_chunk=0), "logits_chunk"),
+    (dict(cache_dtype="int8"), "cache_dtype"),
   ],
 )
 def test_model_config_rejects_bad_shapes(kw, field):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from k15 import model as model_lib
-from k15 import rewards, rollout, sampler
+from k15 import rewards, rollout, sampler, sampling
 from k15.sampler import BUDGET, MAX_LEN, STOPPED
 from k15.stages import rl
 
@@ -474,7 +474,7 @@ def test_cdf_sampling_draws_from_the_filtered_distribution():
       jax.random.key(1), x, cfg
     )
     tok = np.asarray(tok)
-    q = np.asarray(jax.nn.softmax(sampler._filter_logits(x[:1], cfg)))[0]
+    q = np.asarray(jax.nn.softmax(sampling.filter_logits(x[:1], cfg)))[0]
     assert (q[tok] > 0).all(), "drew a filtered-out token"
     freq = np.bincount(tok, minlength=V_) / n
     tail = np.ones(V_, bool)

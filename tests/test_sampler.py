@@ -1,6 +1,7 @@
 """k15.sampler: the while_loop sampler against a plain Python-loop reference,
 stop / budget / cache-end rules, filtering, chunked decoding, repeats."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -575,6 +576,36 @@ def test_left_pad_and_bucket_for():
   assert sampler.bucket_for(9, (16, 8)) == 16
   with pytest.raises(ValueError, match="largest prompt bucket 16"):
     sampler.bucket_for(17, (8, 16))
+
+
+@pytest.mark.parametrize(
+  "dtype, cache_dtype, want",
+  [
+    ("float32", "", "float32"),
+    ("bfloat16", "", "bfloat16"),  # on CPU too: no backend rule
+    ("bfloat16", "float32", "float32"),
+  ],
+)
+def test_cache_dtype_comes_from_the_config(dtype, cache_dtype, want):
+  """The decode cache that prefill hands to decode (what `--dry_run`
+  plans) is in model.cache_dtype, "" meaning model.dtype."""
+  model = dataclasses.replace(CFG, dtype=dtype, cache_dtype=cache_dtype)
+  toks, seg = sampler.left_pad(PROMPTS, P, PAD)
+  st = jax.eval_shape(
+    functools.partial(
+      sampler.prefill,
+      model=model,
+      cfg=sampler.SamplingConfig(),
+      budget=BUDGET_N,
+      cache_len=P + BUDGET_N,
+    ),
+    _random_params(),
+    toks,
+    seg,
+    jax.random.key(0),
+  )
+  for x in st.cache["k"] + st.cache["v"]:
+    assert x.dtype == jnp.dtype(want)
 
 
 def test_prefill_rejects_a_cache_shorter_than_the_prompt():

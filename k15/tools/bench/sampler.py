@@ -2,7 +2,8 @@
 machine's roofline and (where installed) Tunix's vanilla sampler.
 
 `python -m k15.tools.bench sampler [--batch 32 --prompt 256 --new 512]
-  [--layers 8 --d_model 768 ...] [--nocache_steps 2] [--live_chunk 128]
+  [--layers 8 --d_model 768 ... --dtype float32 --cache_dtype '']
+  [--nocache_steps 2] [--live_chunk 128]
   [--only k15,gumbel,whole,tunix,nocache]`
 
 Dimension key: B batch, P prompt tokens, N new tokens, S = P + N cache.
@@ -57,6 +58,7 @@ def _model(args) -> model_lib.ModelConfig:
     max_len=args.prompt + args.new,
     dtype=args.dtype,
     param_dtype=args.dtype,
+    cache_dtype=args.cache_dtype,
     tie_embeddings=True,
     emb_init_scale=0.02,
   )
@@ -235,6 +237,9 @@ def main(argv: list[str]) -> None:
   p.add_argument("--mlp", type=int, default=2048)
   p.add_argument("--vocab", type=int, default=32_000)
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+  p.add_argument(
+    "--cache_dtype", default="", help="model.cache_dtype ('' = --dtype)"
+  )
   p.add_argument("--nocache_steps", type=int, default=2)
   p.add_argument(
     "--live_chunk",
