@@ -20,14 +20,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from k15 import rewards, tasks
+from k15 import rejection, rewards, tasks
 from k15 import tokenizer as tokenizer_lib
 from k15.tools.curate_filters import (
   FORMS,
   CurateConfig,
   Row,
-  Sample,
-  SampleFn,
   curate,
   format_table,
   report,
@@ -112,40 +110,7 @@ def default_report_path(output: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def model_sample_fn(
-  params, *, tok, model, sampling, gen, shard_fn=None
-) -> SampleFn:
-  """A SampleFn over the jitted sampler (k15.rollout.generate).
-
-  `finished` is the sampler's STOPPED status (a stop token); rows cut by
-  the budget or the cache, or stopped for repeating, are unfinished.
-  Chunks have `gen.rows` rows, so compiled programs are reused across calls
-  with the same `max_tokens`.
-  """
-  import jax  # noqa: PLC0415 - the host-side filters do not need JAX
-
-  from k15 import rollout, sampler  # noqa: PLC0415
-
-  def fn(prompts, *, seed, temperature, max_tokens):
-    g = gen
-    if max_tokens is not None:
-      g = dataclasses.replace(gen, budget=min(max_tokens, gen.budget))
-    samp = dataclasses.replace(sampling, temperature=temperature)
-    gens = rollout.generate(
-      params,
-      [tok.encode(p) for p in prompts],
-      jax.random.key(seed),
-      model=model,
-      sampling=samp,
-      gen=g,
-      pad_id=tok.pad_id,
-      shard_fn=shard_fn,
-    )
-    return [
-      Sample(tok.decode(x.response), x.status == sampler.STOPPED) for x in gens
-    ]
-
-  return fn
+model_sample_fn = rejection.model_sample_fn  # the jitted sampler's SampleFn
 
 
 def resolve_ckpt(workdir: str, ckpt: str) -> str:

@@ -34,11 +34,11 @@ import collections
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import numpy as np
 
-from k15 import rewards
+from k15 import rejection, rewards
 from k15 import tokenizer as tokenizer_lib
 
 Row = dict[str, Any]
@@ -53,26 +53,9 @@ REASONS = FORMS + (
 )
 
 
-class Sample(NamedTuple):
-  text: str  # the decoded response (without the prompt)
-  finished: bool  # stopped by a stop token (not cut, not repeating)
-
-
-class SampleFn(Protocol):
-  """One `Sample` per prompt text.
-
-  Deterministic for a seed; `max_tokens` None means the model's usual
-  chain-of-thought budget.
-  """
-
-  def __call__(
-    self,
-    prompts: list[str],
-    *,
-    seed: int,
-    temperature: float,
-    max_tokens: int | None,
-  ) -> list[Sample]: ...
+# the sampler interface is rejection sampling's (same prompts, same judge)
+Sample = rejection.Sample
+SampleFn = rejection.SampleFn
 
 
 @dataclasses.dataclass(frozen=True)
