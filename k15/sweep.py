@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -35,8 +36,10 @@ from k15 import config_lib, pipeline
 # evaluation metrics that go in the tables, in this order (others, e.g.
 # the per-difficulty pass1_d<n>, follow in the order they first appear)
 _MAIN = ("pass1", "greedy_acc", "mean_length", "finished")
-# summary deltas (pipeline.write_summary) a target can name
+# summary deltas (pipeline.write_summary) a target can name; prompt-file
+# runs add one per domain (rl_minus_sft_pass1_math, ...)
 _DELTAS = ("rl_minus_sft_pass1", "rl_minus_control_pass1")
+_DELTA_RE = re.compile(r"rl_minus_(sft|control)_pass1(_[A-Za-z0-9_]+)?$")
 _EPS = 1e-9  # pass@1 differences are sums of floats: 0.6 - 0.5 < 0.1
 _ENV = ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "JAX_PLATFORMS")
 
@@ -61,10 +64,11 @@ def targets_of(config: ml_collections.ConfigDict) -> dict[str, float]:
   summary's deltas (`rl_minus_sft_pass1`, ...) or `<stage>/<metric>`."""
   targets = dict(config.get("targets") or {})
   for key, value in targets.items():
-    if key not in _DELTAS and "/" not in key:
+    if not _DELTA_RE.match(key) and "/" not in key:
       raise config_lib.ConfigError(
           f"config: targets.{key} names no result (known: "
-          f"{', '.join(_DELTAS)}, or <stage>/<metric> such as rl/pass1)")
+          f"{', '.join(_DELTAS)}, the same with _<domain>, or "
+          "<stage>/<metric> such as rl/pass1)")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
       raise config_lib.ConfigError(
           f"config field targets.{key}={value!r} should be a number")
@@ -134,8 +138,10 @@ def summarize(per_seed: dict[int, dict[str, Any]],
                              s["results"].get(stage, {})])
                   for k in keys if any(k in s["results"].get(stage, {})
                                        for s in per_seed.values())}
+  names = [k for s in per_seed.values() for k in s if _DELTA_RE.match(k)]
   deltas = {k: _stats([s[k] for s in per_seed.values()])
-            for k in _DELTAS if all(k in s for s in per_seed.values())}
+            for k in dict.fromkeys(names)
+            if all(k in s for s in per_seed.values())}
   checks = {}
   for key, minimum in targets.items():
     got = {seed: _lookup(s, key) for seed, s in per_seed.items()}

@@ -10,7 +10,7 @@ lists, run in the sandbox as "call" tests (`f(*args) == expected`, compared
 outside the program's process, so a program cannot fake a pass):
 
   Q: Write f(xs): keep the numbers above 2, multiply each by 3, return
-     the sum. Example: f([4, 1, 3]) == 21
+     the sum. Example: f([4,1,3]) == 21
   A: ```python
   def f(xs):
     return sum(x*3 for x in xs if x>2)
@@ -78,6 +78,10 @@ def run(parts: tuple, xs: list[int]):
   return scope[ENTRY_POINT](list(xs))
 
 
+def _compact(x) -> str:
+  return str(x).replace(" ", "")
+
+
 def _describe(flt_words: str, map_words: str, red: str) -> str:
   words = [w for w in (flt_words, map_words) if w]
   if red == "sum":
@@ -110,10 +114,10 @@ def make_problem(rng: np.random.Generator, parts: int,
   key = (flt, mp, red)
   inputs = [[int(v) for v in rng.integers(-3, 10, size=int(rng.integers(
       2, 6)))] for _ in range(num_tests + 1)]  # fmt: skip
-  example = inputs[0]
+  example = inputs[0][:3]
   ex_out = run(key, example)
   question = (f"Write f(xs): {_describe(fw, mw, red)}. Example: "
-              f"f({example}) == {ex_out}")  # fmt: skip
+              f"f({_compact(example)}) == {_compact(ex_out)}")  # fmt: skip
   tests = tuple({"args": [xs], "expected": run(key, xs)}
                 for xs in [[]] + inputs[1:num_tests])  # fmt: skip
   difficulty = sum(1 for x in key if x)
