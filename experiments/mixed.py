@@ -49,8 +49,8 @@ def get_config(arg=None):
                  attention="dense", emb_init_scale=0.02)
   c.sampler = dict(temperature=1.0, top_k=0, top_p=1.0)
   c.rollout = dict(k=8, prompts_per_iter=32, prompt_len=48, budget=32,
-                   max_len=80, gen_rows=256, oversample=2)
-  c.rl = dict(iterations=40, loss="mirror_descent", tau=0.1,
+                   max_len=80, gen_rows=256, oversample=1)
+  c.rl = dict(iterations=30, loss="mirror_descent", tau=0.1,
               baseline="mean", num_minibatches=4, epochs=1,
               reset_optimizer=True)
   c.length_penalty = dict(schedule="off", weight=0.0, warmup=0)
