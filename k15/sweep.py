@@ -219,8 +219,9 @@ def markdown(results: dict[str, Any], name: str = "") -> str:
     for stage, st in results["stages"].items():
       lines.append(f"| {stage} | " + " | ".join(
           f"{st[d]['mean']:.2f}" if d in st else "" for d in diffs) + " |")
+  lines += _domain_tables(results)
   stages = list(results["stages"])
-  deltas = list(results["deltas"])
+  deltas = [d for d in results["deltas"] if d in _DELTAS]
   lines += ["", "Each seed (pass@1; wall time includes compiles and resumes):",
             "", "| seed | " + " | ".join(stages + deltas) + " | wall |",
             "|---|" + "---|" * (len(stages) + len(deltas) + 1)]
@@ -244,6 +245,50 @@ def markdown(results: dict[str, Any], name: str = "") -> str:
       lines.append(f"- {key} ≥ {c['minimum']:+.2f}: "
                    f"{'met' if c['met'] else 'NOT met'} ({got})")
   return "\n".join(lines) + "\n"
+
+
+def _domains(results: dict[str, Any]) -> list[str]:
+  """Domains of a prompt-file run (pass1_<domain> in the evaluations)."""
+  out: list[str] = []
+  for st in results["stages"].values():
+    out += [k[6:] for k in st if k.startswith("pass1_")
+            and not re.fullmatch(r"pass1_d\d+", k) and k[6:] not in out]
+  return out
+
+
+def _domain_tables(results: dict[str, Any]) -> list[str]:
+  """Per-domain pass@1 (mean ± std [min, max]) and each seed's numbers."""
+  doms = _domains(results)
+  if not doms:
+    return []
+  stages = list(results["stages"])
+  lines = ["", "pass@1 by domain, mean ± std [min, max] over the seeds "
+           "(greedy accuracy in brackets after it):", "",
+           "| stage | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+  for stage in stages:
+    st = results["stages"][stage]
+    cells = []
+    for d in doms:
+      cell = _fmt(st[f"pass1_{d}"]) if f"pass1_{d}" in st else ""
+      if f"greedy_acc_{d}" in st:
+        cell += f" (greedy {st[f'greedy_acc_{d}']['mean']:.3f})"
+      cells.append(cell)
+    lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+  deltas = [f"rl_minus_{b}_pass1_{d}" for b in ("sft", "control")
+            for d in doms if f"rl_minus_{b}_pass1_{d}" in results["deltas"]]
+  cols = [(st, d) for st in stages for d in doms]
+  lines += ["", "Each seed, pass@1 by domain:", "",
+            "| seed | " + " | ".join(f"{st} {d}" for st, d in cols)
+            + "".join(f" | {k[len('rl_minus_'):]}" for k in deltas) + " |",
+            "|---|" + "---|" * (len(cols) + len(deltas))]
+  for seed in results["seeds"]:
+    s = results["per_seed"][seed]
+    cells = [f"{s['results'][st][f'pass1_{d}']:.3f}"
+             if f"pass1_{d}" in s["results"].get(st, {}) else ""
+             for st, d in cols]
+    cells += [f"{s[k]:+.3f}" for k in deltas]
+    lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def _write(workdir: str, results: dict[str, Any], name: str) -> None:
