@@ -87,7 +87,11 @@ BAD = [
     "bad_value",
     "'test_mode'='stdio' does not fit",
   ),
-  ('{"question": "Q?", "answer": "1", "domain": "d3"}', "bad_value", "'domain'"),
+  (
+    '{"question": "Q?", "answer": "1", "domain": "d3"}',
+    "bad_value",
+    "'domain'",
+  ),
   (
     '{"question": "Q?", "answer": "1", "difficulty_pass_rate": 1.5}',
     "bad_value",
