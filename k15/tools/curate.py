@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from k15 import rejection, rewards, tasks
 from k15 import tokenizer as tokenizer_lib
+from k15.rewards import code as rewards_code
 from k15.tools.curate_filters import (
   FORMS,
   CurateConfig,
@@ -39,9 +41,10 @@ from k15.tools.curate_filters import (
 def read_prompts(path: str) -> list[Row]:
   """Rows of a JSONL prompt file; errors name the file and line.
 
-  Minimal reader (fields: question, answer, optional difficulty, kind,
-  metadata, id; others pass through unchanged). Numbers and booleans as
-  answers become strings.
+  Minimal reader (fields: question (or prompt), answer, optional
+  difficulty, kind, metadata, id; others pass through unchanged). Numbers
+  and booleans as answers become strings. Code rows (kind "code") carry
+  `tests` instead of an answer, in a test mode programs cannot fake.
   """
   rows = []
   with open(path) as f:
@@ -57,11 +60,15 @@ def read_prompts(path: str) -> list[Row]:
         raise ValueError(
           f"{where}: expected a JSON object, got {type(row).__name__}"
         )
-      q = row.get("question")
+      q = row.get("question", row.get("prompt"))
       if not isinstance(q, str) or not q.strip():
         raise ValueError(
           f"{where}: field 'question' must be a non-empty string"
         )
+      if row.get("kind") == "code":
+        _check_code_row(row, where)
+        rows.append(row)
+        continue
       a = row.get("answer")
       if isinstance(a, bool):
         a = str(a).lower()
@@ -83,6 +90,17 @@ def read_prompts(path: str) -> list[Row]:
   if not rows:
     raise ValueError(f"{path}: no prompts")
   return rows
+
+
+def _check_code_row(row: Row, where: str) -> None:
+  tests = row.get("tests")
+  if not isinstance(tests, list) or not tests:
+    raise ValueError(f"{where}: field 'tests' must be a non-empty list")
+  try:
+    mode = rewards_code.test_mode(row)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  rewards_code.check_mode_for_training(mode, f"{where}: test_mode")
 
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -201,11 +219,17 @@ def curate_file(
 ) -> dict[str, Any]:
   """The command: curate a JSONL file with a run's model; returns the
   report (also written to `report_path`) and prints its table."""
-  from k15 import sharding  # noqa: PLC0415
+  from k15 import pipeline, sharding  # noqa: PLC0415
 
   cfg = cfg or CurateConfig()
   rows = read_prompts(input_path)
   params, s, tok, step, directory = load_model(config, workdir, ckpt)
+  code_rows = [
+    types.SimpleNamespace(kind="code", where=f"{input_path} row {i + 1}")
+    for i, r in enumerate(rows)
+    if r.get("kind") == "code"
+  ]
+  pipeline.check_sandbox({"rl": code_rows}, s)
   mesh = sharding.make_mesh(s.mesh)
   sampling = dataclasses.replace(
     s.sampler, stop_tokens=tuple(s.sampler.stop_tokens) or (tok.eos_id,)
@@ -220,7 +244,9 @@ def curate_file(
   )
   bucket = max(s.rollout.gen.prompt_buckets)
   with (
-    rewards.RewardPool(verifiers=tasks.verifiers()) as pool,
+    rewards.RewardPool(
+      s.reward.backends(), verifiers=tasks.verifiers()
+    ) as pool,
     sharding.mesh_context(mesh),  # as the pipeline samples
   ):
     kept, decisions = curate(
@@ -228,7 +254,7 @@ def curate_file(
       cfg=cfg,
       sample_fn=fn,
       pool=pool,
-      default_kind=s.task.name,
+      default_kind=s.task.default_reward_kind,
       fits=lambda t: len(tok.encode(t)) <= bucket,
     )
   report_path = report_path or default_report_path(output_path)

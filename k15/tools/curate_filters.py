@@ -131,6 +131,11 @@ class Decision:
   pass_rate: float | None = None
 
 
+def prompt_of(row: Row) -> str:
+  """A row's prompt text: `question`, or `prompt` (code rows)."""
+  return str(row.get("question", row.get("prompt", "")))
+
+
 # ---------------------------------------------------------------------------
 # Form filters
 # ---------------------------------------------------------------------------
@@ -220,7 +225,7 @@ def form_reason(
     for form in forms:
       if _tag(value) in FORM_TAGS[form]:
         return form, f"{key}={value!r}"
-  question = str(row.get("question", ""))
+  question = prompt_of(row)
   for form in forms:
     for name, pattern in FORM_PATTERNS[form]:
       if pattern.search(question):
@@ -336,7 +341,7 @@ def _form_filters(rows, decisions, cfg: CurateConfig, fits) -> None:
   """Form, duplicate and length: no model needed."""
   seen: dict[str, int] = {}
   for d, row in zip(decisions, rows, strict=True):
-    q = str(row["question"])
+    q = prompt_of(row)
     d.reason, d.detail = form_reason(row, cfg.forms)
     if d.reason is None and cfg.dedupe:
       if q in seen:
@@ -370,7 +375,7 @@ def _no_cot_filter(rows, decisions, cfg: CurateConfig, sample_fn, pool):
   ok = sample_correct(
     [rows[d.index] for d in todo],
     [
-      no_cot_prompt(str(rows[d.index]["question"]), cfg.no_cot_prefix)
+      no_cot_prompt(prompt_of(rows[d.index]), cfg.no_cot_prefix)
       for d in todo
     ],
     n=cfg.no_cot_attempts,
@@ -399,7 +404,7 @@ def _pass_rate_filter(rows, decisions, cfg: CurateConfig, sample_fn, pool):
     return
   ok = sample_correct(
     [rows[d.index] for d in todo],
-    [cot_prompt(str(rows[d.index]["question"])) for d in todo],
+    [cot_prompt(prompt_of(rows[d.index])) for d in todo],
     n=cfg.samples,
     sample_fn=sample_fn,
     pool=pool,
@@ -449,7 +454,7 @@ def report(
       row=d.index + 1,
       reason=d.reason,
       detail=d.detail,
-      question=str(row["question"])[:120],
+      question=prompt_of(row)[:120],
     )
     if "id" in row:
       item["id"] = row["id"]
