@@ -23,6 +23,12 @@ evaluated on both held-out sets: pass@1 over 4 samples at temperature 1,
 per domain (`pass1_math`, `pass1_code`). docs/mixed.md holds the tuning
 log; the README the results.
 
+Size: a 64-wide 2-layer model, 300 warm-up steps, 16 RL iterations of 16
+prompts x 8 samples, 64 held-out rows per domain. A first cut twice as
+wide with twice the RL batch (docs/mixed.md) learned the same way (RL
+training accuracy 0.50 -> 0.95 in 12 iterations) but took ~25 minutes a
+seed on a 2-core machine shared with other runs.
+
 Variants: `runlocal` (a short smoke run), `seed=N`.
 """
 
@@ -41,22 +47,22 @@ def get_config(arg=None):
       sft_files=("math_sft.jsonl", "code_sft.jsonl"),
       eval_files=("math_eval.jsonl", "code_eval.jsonl"),
       # the generators' knobs: 1-3 operations / function parts
-      min_steps=1, max_steps=3, num_sft=1024, num_rl=4096, num_eval=128,
+      min_steps=1, max_steps=3, num_sft=1024, num_rl=2048, num_eval=64,
       sft_noise=0.5, seed=0)
   c.tokenizer = dict(kind="sentencepiece", vocab_size=384, path="")
-  c.model = dict(vocab_size=0, num_layers=2, d_model=128, num_heads=4,
-                 num_kv_heads=2, head_dim=32, mlp_dim=512, max_len=80,
+  c.model = dict(vocab_size=0, num_layers=2, d_model=64, num_heads=4,
+                 num_kv_heads=2, head_dim=16, mlp_dim=256, max_len=80,
                  attention="dense", emb_init_scale=0.02)
   c.sampler = dict(temperature=1.0, top_k=0, top_p=1.0)
-  c.rollout = dict(k=8, prompts_per_iter=32, prompt_len=48, budget=32,
-                   max_len=80, gen_rows=256, oversample=1)
-  c.rl = dict(iterations=30, loss="mirror_descent", tau=0.1,
-              baseline="mean", num_minibatches=4, epochs=1,
+  c.rollout = dict(k=8, prompts_per_iter=16, prompt_len=48, budget=32,
+                   max_len=80, gen_rows=128, oversample=1)
+  c.rl = dict(iterations=16, loss="mirror_descent", tau=0.1,
+              baseline="mean", num_minibatches=2, epochs=1,
               reset_optimizer=True)
   c.length_penalty = dict(schedule="off", weight=0.0, warmup=0)
   c.reward = dict(kind="verifier", ckpt="", math_workers=2, code_workers=2)
   c.data = dict(strategy="uniform", balance=False)
-  c.sft = dict(steps=600, batch_size=32, lr=1e-3, eps=1e-8)
+  c.sft = dict(steps=300, batch_size=32, lr=2e-3, eps=1e-8)
   c.optim = dict(lr=3e-4, b1=0.9, b2=0.95, eps=3e-4, weight_decay=0.0,
                  grad_clip=1.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)

@@ -18,7 +18,7 @@ import pytest
 
 from k15 import config_lib, pipeline, rollout, sampler, train
 from k15 import tokenizer as tokenizer_lib
-from k15.rewards import sandbox, workers
+from k15.rewards import isolation, sandbox, workers
 from k15.stages import rl
 from k15.tasks import functions, word_problems
 
@@ -246,8 +246,8 @@ def test_missing_sandbox_stops_a_run_with_code_rows_at_startup(
   def which(name, *a, **k):
     return None if name == "bwrap" else real_which(name, *a, **k)
 
-  monkeypatch.setattr(sandbox.shutil, "which", which)
-  monkeypatch.setattr(sandbox, "_tools", sandbox._tools.__wrapped__)
+  monkeypatch.setattr(isolation.shutil, "which", which)
+  monkeypatch.setattr(isolation, "tools", isolation.tools.__wrapped__)
   monkeypatch.setattr(sandbox, "_probe", sandbox._probe.__wrapped__)
   with pytest.raises(config_lib.ConfigError) as e:
     pipeline.make_context(_config(tmp), str(tmp / "run"))
