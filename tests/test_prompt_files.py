@@ -259,3 +259,43 @@ def test_mixed_runlocal_runs_with_per_domain_results(tmp_path):
   rl = [r for r in recs if r.get("stage") == "rl" and "reward_time" in r]
   assert len(rl) == 2
   assert all(r["reward/math/n"] > 0 and r["reward/code/n"] > 0 for r in rl)
+
+
+def test_rejection_sample_command(tmp_path):
+  """`python -m k15.tools.rejection_sample` on a workdir's SFT checkpoint
+  (random weights: the plumbing): every sample is judged, the kept rows
+  are the verified ones, written as prompt-file rows with a report."""
+  import jax
+
+  from k15 import config_lib, pipeline, train
+
+  config = config_lib.load(os.path.join(ROOT, "experiments/tiny.py"),
+                           "runlocal")  # fmt: skip
+  r = pipeline.make_context(config, str(tmp_path / "run"))
+  state = train.init_state(jax.random.key(0), model=r.s.model, tx=r.tx,
+                           mesh=r.mesh)  # fmt: skip
+  ck = r.checkpointer("sft")
+  ck.save(10, dict(train=state), dict(stage="sft", step=10, done=True))
+  ck.close()
+  r.writer.close()
+  r.rewards.close()
+  inp = _write(tmp_path / "in.jsonl", [
+    dict(question=p.question, answer=p.answer, kind="exact")
+    for p in r.problems["eval"][:3]])  # fmt: skip
+  out = tmp_path / "rs.jsonl"
+  p = subprocess.run(
+    [sys.executable, "-m", "k15.tools.rejection_sample", "--config",
+     "experiments/tiny.py:runlocal", "--workdir", str(tmp_path / "run"),
+     "--input", inp, "--output", str(out), "--n", "4"],
+    cwd=ROOT, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert p.returncode == 0, p.stderr[-3000:]
+  rep = json.loads((tmp_path / "rs.report.json").read_text())
+  assert (rep["prompts"], rep["samples"], rep["step"]) == (3, 12, 10)
+  assert sum(rep["statuses"].values()) == 12
+  rows = [json.loads(x) for x in out.read_text().splitlines()]
+  assert len(rows) == rep["kept"] <= rep["correct"]
+  with rewards.RewardPool() as pool:  # every kept row verifies
+    assert rewards.score(rows, [x["trace"] for x in rows], [True] * len(rows),
+                         pool=pool).correct.all()  # fmt: skip
+  assert "rejection sampling with" in p.stdout

@@ -148,22 +148,24 @@ def test_rl_rewards_come_from_math_verify_and_the_sandbox(
   assert m["reward/code/cause/ok"] == n_code / 2
   assert m["reward/status/correct"] == (n_math + n_code) / 2
   assert m["accuracy"] == 0.5 and m["reward_time"] > 0
-  # math-verify judged every finished math answer the exact comparator
-  # could not settle: all of them (no gold is written as an expression)
+  # math-verify judged every distinct finished math answer the exact
+  # comparator could not settle: all of them (no gold is written as an
+  # expression), each (gold, answer) pair once per batch
   pairs = [pair for call in spies["math"].calls for pair in call[1]]
   golds = {p.question: p.answer for p in ctx.problems["rl"]}
   want = sorted(
     (golds[ctx.problems["rl"][i].question], e)
     for i in idx
     if ctx.problems["rl"][i].domain == "math"
-    for e in [ctx.problems["rl"][i].trace.rpartition("\\boxed{")[2][:-1]] * 2
-    + ["0"] * 2
-  )
+    for e in [ctx.problems["rl"][i].trace.rpartition("\\boxed{")[2][:-1],
+              "0"]
+  )  # fmt: skip
   assert sorted(pairs) == want
-  # the sandbox ran every code sample's program
+  # the sandbox ran every distinct (program, tests) of the code samples:
+  # each problem's reference and the wrong program, once each
   programs = [j.program for call in spies["code"].calls for j in call[1]]
-  assert len(programs) == n_code
-  assert programs.count("def f(xs):\n  return 12345\n") == n_code / 2
+  assert len(programs) == n_code / 2
+  assert programs.count("def f(xs):\n  return 12345\n") == n_code / 4
   # each problem's success rate is its verdicts' mean
   st = carry.prompts.state_dict()
   np.testing.assert_array_equal(st["success_N"][idx], 2.0)

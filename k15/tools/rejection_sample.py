@@ -44,8 +44,11 @@ def run(
 
   params, s, tok, step, directory = curate.load_model(config, workdir, ckpt)
   if input_path:
+    # rows of a synthetic task's run name no kind of their own: their
+    # answers are compared exactly, as that task's verifier does
+    kind = s.task.default_reward_kind
     problems = jsonl.load_problems(
-      [input_path], default_kind=s.task.default_reward_kind
+      [input_path], default_kind=kind if kind in jsonl.KINDS else "exact"
     )
   else:
     problems = s.task.splits(os.path.abspath(workdir))["rl"]
