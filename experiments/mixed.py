@@ -23,7 +23,7 @@ evaluated on both held-out sets: pass@1 over 4 samples at temperature 1,
 per domain (`pass1_math`, `pass1_code`). docs/mixed.md holds the tuning
 log; the README the results.
 
-Size: a 64-wide 2-layer model, 300 warm-up steps, 16 RL iterations of 16
+Size: a 64-wide 2-layer model, 300 warm-up steps, 32 RL iterations of 16
 prompts x 8 samples, 64 held-out rows per domain. A first cut twice as
 wide with twice the RL batch (docs/mixed.md) learned the same way (RL
 training accuracy 0.50 -> 0.95 in 12 iterations) but took ~25 minutes a
@@ -56,7 +56,9 @@ def get_config(arg=None):
   c.sampler = dict(temperature=1.0, top_k=0, top_p=1.0)
   c.rollout = dict(k=8, prompts_per_iter=16, prompt_len=48, budget=32,
                    max_len=80, gen_rows=128, oversample=1)
-  c.rl = dict(iterations=16, loss="mirror_descent", tau=0.1,
+  # 32 iterations: with 16, seed 2's math pass@1 beat the control by only
+  # +0.06, its training accuracy still rising (docs/mixed.md)
+  c.rl = dict(iterations=32, loss="mirror_descent", tau=0.1,
               baseline="mean", num_minibatches=2, epochs=1,
               reset_optimizer=True)
   c.length_penalty = dict(schedule="off", weight=0.0, warmup=0)
