@@ -89,6 +89,15 @@ class SamplerConfig:
     return self.strategy.endswith("prioritized")
 
 
+def _per_problem(x, n: int, default: float, name: str) -> np.ndarray:
+  if x is None:
+    return np.full(n, default, np.float64)
+  x = np.asarray(x, np.float64)
+  if x.shape != (n,):
+    raise ValueError(f"{name} has shape {x.shape}, expected ({n},)")
+  return x
+
+
 def inclusion_probs(p_N: np.ndarray, n: int) -> np.ndarray:
   """Per-item inclusion probabilities pi_N (sum n, each <= 1) for drawing n
   distinct items as close to 'n draws from p' as possible: pi_i = n p_i, with
@@ -134,9 +143,23 @@ class PromptSampler:
   """Draws prompt indices for each RL iteration and tracks success rates.
 
   difficulty_N: integer difficulty label per problem (larger is harder).
+  weight_N: base draw weight per problem (mixing prompt files by weight;
+    default 1 each): the distribution over the eligible problems is
+    proportional to it before balance and priority apply.
+  prior_N: success rate assumed for problem i until it is observed, NaN
+    for `cfg.prior` (default): a curated set's pass rates, so the
+    prioritized sampler starts from the curation's estimate.
   """
 
-  def __init__(self, difficulty_N: np.ndarray, cfg: SamplerConfig, seed: int):
+  def __init__(
+    self,
+    difficulty_N: np.ndarray,
+    cfg: SamplerConfig,
+    seed: int,
+    *,
+    weight_N: np.ndarray | None = None,
+    prior_N: np.ndarray | None = None,
+  ):
     self.difficulty_N = np.asarray(difficulty_N).astype(np.int64)
     if self.difficulty_N.ndim != 1 or self.difficulty_N.size == 0:
       raise ValueError(
@@ -146,9 +169,16 @@ class PromptSampler:
     self.cfg = cfg
     self.seed = int(seed)
     n = self.difficulty_N.size
+    self.weight_N = _per_problem(weight_N, n, 1.0, "weight_N")
+    if not (np.isfinite(self.weight_N).all() and (self.weight_N > 0).all()):
+      raise ValueError("weight_N must be finite and > 0")
+    prior_N = _per_problem(prior_N, n, np.nan, "prior_N")
+    self.prior_N = np.where(np.isnan(prior_N), cfg.prior, prior_N)
+    if ((self.prior_N < 0) | (self.prior_N > 1)).any():
+      raise ValueError("prior_N must be in [0, 1] (or NaN)")
     self._count_N = np.zeros(n, np.int64)  # samples observed
     self._success_N = np.zeros(n, np.float64)  # sum of their 0/1 outcomes
-    self._ema_N = np.full(n, cfg.prior, np.float64)  # used when cfg.ema > 0
+    self._ema_N = self.prior_N.copy()  # used when cfg.ema > 0
     self._last = {}
     if cfg.uses_curriculum:
       checks = [cfg.transition_iter]
@@ -180,16 +210,16 @@ class PromptSampler:
     return d_N >= cfg.hard_min
 
   def success_rates(self) -> np.ndarray:
-    """s_N: estimated success rate per problem; `prior` where unseen."""
+    """s_N: estimated success rate per problem; its prior where unseen."""
     seen_N = self._count_N > 0
     if self.cfg.ema > 0:
-      return np.where(seen_N, self._ema_N, self.cfg.prior)
+      return np.where(seen_N, self._ema_N, self.prior_N)
     mean_N = self._success_N / np.maximum(self._count_N, 1)
-    return np.where(seen_N, mean_N, self.cfg.prior)
+    return np.where(seen_N, mean_N, self.prior_N)
 
   def probabilities(self, iteration: int) -> np.ndarray:
     """p_N, the per-draw target distribution at iteration (sums to 1)."""
-    w_N = self.eligible(iteration).astype(np.float64)
+    w_N = self.eligible(iteration) * self.weight_N
     if self.cfg.balance:
       _, label_N = np.unique(self.difficulty_N, return_inverse=True)
       per_label = np.bincount(label_N, weights=w_N)

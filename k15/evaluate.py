@@ -3,13 +3,16 @@
 pass@1 is the mean over problems of the fraction of the n samples (at the
 configured temperature, 1.0 as in the report's "total@temp_1.0") that are
 correct; a response that did not finish (cut by budget or length, or stopped
-for repeating) is wrong. Token efficiency is reported as mean response
+for repeating) is wrong. Prompt-file problems also report it per domain
+(`pass1_math`, `pass1_code`, ...). Token efficiency is reported as mean response
 length and accuracy per 1k tokens, for the long2short comparisons.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import jax
@@ -31,15 +34,33 @@ class EvalConfig:
       raise ValueError(f"eval.num_samples={self.num_samples} must be >= 1")
 
 
+def submit_scores(tok: tokenizer_lib.Tokenizer,
+                  gens: Sequence[rollout.Generation], rows: Sequence[dict],
+                  pool: rewards.RewardPool
+                  ) -> concurrent.futures.Future[rewards.RewardBatch]:
+  """Scores each generation against its row (rows[i] is gens[i]'s) through
+  the reward entry point, in the pool's background thread; one that did
+  not stop by itself scores 0."""
+  return pool.submit(
+      rows, [tok.decode(g.response) for g in gens],
+      [g.status == sampler.STOPPED for g in gens])
+
+
 def score_responses(tok: tokenizer_lib.Tokenizer,
                     gens: Sequence[rollout.Generation],
                     rows: Sequence[dict],
                     pool: rewards.RewardPool) -> np.ndarray:
-  """Each generation's reward from the reward entry point (rows[i] is
-  gens[i]'s task row); one that did not stop by itself scores 0."""
-  return rewards.score(
-      rows, [tok.decode(g.response) for g in gens],
-      [g.status == sampler.STOPPED for g in gens], pool=pool).scores
+  """Each generation's reward (blocking `submit_scores`)."""
+  return submit_scores(tok, gens, rows, pool).result().scores
+
+
+def domains(metrics: dict[str, float]) -> list[str]:
+  """The domains an evaluation reported (its `pass1_<domain>` keys)."""
+  return [k[len("pass1_"):] for k in metrics
+          if k.startswith("pass1_") and not _DIFFICULTY_KEY.match(k)]
+
+
+_DIFFICULTY_KEY = re.compile(r"pass1_d\d+$")
 
 
 def evaluate(params, problems: Sequence, rng: jax.Array, *,
@@ -47,7 +68,10 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
              SamplingConfig, gen: rollout.GenConfig, cfg: EvalConfig,
              pool: rewards.RewardPool, shard_fn=None) -> dict[str, float]:
   """Held-out metrics of `params`; responses score through `pool` by the
-  problems' own kinds (evaluation never asks a reward model)."""
+  problems' own kinds (evaluation never asks a reward model). Problems
+  with a `domain` (prompt files) also get pass1_<domain> and
+  greedy_acc_<domain>. The samples are scored in the pool's thread while
+  the greedy responses are generated."""
   if cfg.max_problems:
     problems = problems[:cfg.max_problems]
   prompts = [tok.encode(tokenizer_lib.format_prompt(p.question))
@@ -58,9 +82,16 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
   gens = rollout.generate(params, [q for q in prompts for _ in range(n)],
                           rng, model=model, sampling=samp, gen=gen,
                           pad_id=tok.pad_id, shard_fn=shard_fn)
-  correct_PxN = score_responses(tok, gens, [r for r in rows
-                                            for _ in range(n)],
-                                pool).reshape(len(problems), n)
+  sampled = submit_scores(tok, gens, [r for r in rows for _ in range(n)],
+                          pool)
+  greedy_P = None
+  if cfg.greedy:
+    greedy = dataclasses.replace(sampling, temperature=0.0)
+    g_gens = rollout.generate(params, prompts, jax.random.fold_in(rng, 1),
+                              model=model, sampling=greedy, gen=gen,
+                              pad_id=tok.pad_id, shard_fn=shard_fn)
+    greedy_P = score_responses(tok, g_gens, rows, pool)
+  correct_PxN = sampled.result().scores.reshape(len(problems), n)
   lengths = np.array([len(g.response) for g in gens], np.float32)
   out = dict(pass1=float(correct_PxN.mean()),
              mean_length=float(lengths.mean()),
@@ -69,12 +100,12 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
   diffs = np.array([getattr(p, "difficulty", 0) for p in problems])
   for d in np.unique(diffs):
     out[f"pass1_d{int(d)}"] = float(correct_PxN[diffs == d].mean())
-  if cfg.greedy:
-    greedy = dataclasses.replace(sampling, temperature=0.0)
-    g_gens = rollout.generate(params, prompts, jax.random.fold_in(rng, 1),
-                              model=model, sampling=greedy, gen=gen,
-                              pad_id=tok.pad_id, shard_fn=shard_fn)
-    out["greedy_acc"] = float(score_responses(tok, g_gens, rows,
-                                              pool).mean())
+  doms = np.array([getattr(p, "domain", "") for p in problems])
+  for dom in sorted(set(doms.tolist()) - {""}):
+    out[f"pass1_{dom}"] = float(correct_PxN[doms == dom].mean())
+    if greedy_P is not None:
+      out[f"greedy_acc_{dom}"] = float(greedy_P[doms == dom].mean())
+  if greedy_P is not None:
+    out["greedy_acc"] = float(greedy_P.mean())
   out["acc_per_1k_tokens"] = out["pass1"] / max(out["mean_length"], 1) * 1e3
   return out

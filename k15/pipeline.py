@@ -49,7 +49,10 @@ from k15 import rewards as rewards_lib
 from k15 import rm as rm_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
+from k15.rewards import code as rewards_code
+from k15.rewards import sandbox
 from k15.stages import common, control, rl, sft
+from k15.tasks import jsonl
 
 # Every stage `config.stages` may name; a new stage is one module under
 # k15/stages/ and one line here.
@@ -225,8 +228,10 @@ def make_context(
   config: ml_collections.ConfigDict, workdir: str
 ) -> common.Context:
   """Validates the config, then builds what every stage reads: the
-  tokenizer (trained into workdir on first use), problems, mesh,
-  optimizers, metric writer."""
+  problems (a jsonl task's files read and every row checked), the
+  tokenizer (trained into workdir on first use), mesh, optimizers, metric
+  writer and the reward pool. Code rows need the sandbox: without it the
+  run stops here, saying how to install it."""
   workdir = os.path.abspath(workdir)
   parent = os.path.dirname(workdir)
   if not os.path.isdir(parent):
@@ -237,11 +242,13 @@ def make_context(
   # vocabulary is checked once it exists).
   pre = settings(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
-  task = tasks.get(pre.task.name)
-  tok = _tokenizer(pre, task, workdir)
+  problems = _problems(pre, workdir)
+  check_sandbox(problems, pre)
+  tok = _tokenizer(pre, problems, workdir)
   s = settings(
     config, vocab_size=tok.vocab_size, num_devices=jax.device_count()
   )
+  check_lengths(problems, tok, s)
   mesh = sharding.make_mesh(s.mesh)
   tx = train.make_optimizer(s.optim)
   sft_optim = s.sft.optim(s.optim)
@@ -252,8 +259,8 @@ def make_context(
     workdir=workdir,
     s=s,
     tok=tok,
-    task=task,
-    problems=s.task.splits(),
+    task=s.task,
+    problems=problems,
     mesh=mesh,
     tx=tx,
     sft_tx=tx if sft_optim == s.optim else train.make_optimizer(sft_optim),
@@ -261,13 +268,69 @@ def make_context(
     abstract=train.sharded_abstract_state(s.model, tx, mesh),
     writer=metrics_lib.MetricWriter(workdir),
     rewards=rewards_lib.RewardPool(
+      s.reward.backends(),
       verifiers=tasks.verifiers(),
       judges=rm_lib.lazy_judges(s.reward, mesh=mesh, rows=s.rollout.gen_rows),
     ),
   )
 
 
-def _tokenizer(s: Settings, task, workdir: str) -> tokenizer_lib.Tokenizer:
+def _problems(s: Settings, workdir: str) -> dict[str, list]:
+  try:
+    return s.task.splits(workdir)
+  except jsonl.JsonlError as e:  # a bad row: file:line and the reason
+    raise config_lib.ConfigError(str(e)) from e
+
+
+def check_sandbox(problems: dict[str, list], s: Settings) -> None:
+  """Code rows are scored by running programs in the sandbox; when it
+  cannot run here (bwrap missing, no user namespaces) the run must stop
+  before any work, never score them 0. Raises ConfigError."""
+  code = [
+    getattr(p, "where", "") or f"{split} problem {i}"
+    for split in ("rl", "eval")
+    for i, p in enumerate(problems.get(split, ()))
+    if getattr(p, "kind", "") == "code"
+  ]
+  if not code:
+    return
+  rewards_code.check_training_config(s.reward.backends().get("code", {}))
+  reason = sandbox.unavailable_reason()
+  if reason:
+    raise config_lib.ConfigError(
+      f"config: {len(code)} code rows (first: {code[0]}) are scored in the "
+      f"code sandbox, which cannot run here: {reason}. Install it with "
+      "`apt-get install bubblewrap` (Debian/Ubuntu; the kernel must allow "
+      "unprivileged user namespaces, see k15/rewards/sandbox.py), or drop "
+      "the code files from task.rl_files / task.eval_files."
+    )
+
+
+def check_lengths(problems: dict[str, list], tok, s: Settings) -> None:
+  """Every prompt fits rollout.prompt_len and every warm-up trace the
+  rows' response width, or the run stops naming the row (file:line for
+  prompt files). Raises ConfigError."""
+  ro = s.rollout
+  for split in ("sft", "rl", "eval"):
+    for i, p in enumerate(problems.get(split, ())):
+      where = getattr(p, "where", "") or f"task {split} problem {i}"
+      n = len(tok.encode(tokenizer_lib.format_prompt(p.question)))
+      if n > ro.prompt_len:
+        raise config_lib.ConfigError(
+          f"{where}: the prompt is {n} tokens, more than rollout.prompt_len="
+          f"{ro.prompt_len}"
+        )
+      if split == "sft":
+        m = len(tok.encode(p.trace)) + 1
+        if ro.prompt_len + m > ro.max_len:
+          raise config_lib.ConfigError(
+            f"{where}: the trace is {m} tokens (with EOS); rollout.max_len="
+            f"{ro.max_len} leaves {ro.max_len - ro.prompt_len} after the "
+            "prompt"
+          )
+
+
+def _tokenizer(s: Settings, problems, workdir: str) -> tokenizer_lib.Tokenizer:
   if s.init and s.tokenizer.kind == "sentencepiece":
     return tokenizer_lib.load(s.init)  # the checkpoint's tokenizer.json
   if s.tokenizer.kind == "file":
@@ -276,9 +339,9 @@ def _tokenizer(s: Settings, task, workdir: str) -> tokenizer_lib.Tokenizer:
   if os.path.exists(path):
     return tokenizer_lib.load(path)
   tok = tokenizer_lib.train_sentencepiece(
-    task.tokenizer_corpus(),
+    s.task.tokenizer_corpus(problems),
     s.tokenizer.vocab_size,
-    **getattr(task, "TOKENIZER", {}),
+    **s.task.tokenizer_options(),
   )
   if jax.process_index() == 0:
     tok.save(path)
@@ -321,14 +384,18 @@ def write_summary(workdir: str, results: common.Results) -> dict[str, Any]:
   pass@1 differences the experiment is about."""
   res = results
   summary: dict[str, Any] = {"results": res}
-  if "sft" in res and "rl" in res:
-    summary["rl_minus_sft_pass1"] = res["rl"]["pass1"] - res["sft"]["pass1"]
-  if "control" in res and "rl" in res:
-    summary["rl_minus_control_pass1"] = (
-      res["rl"]["pass1"] - res["control"]["pass1"]
-    )
+  for base in ("sft", "control"):
+    if base not in res or "rl" not in res:
+      continue
+    summary[f"rl_minus_{base}_pass1"] = res["rl"]["pass1"] - res[base]["pass1"]
+    for dom in evaluate.domains(res["rl"]):  # per domain (prompt files)
+      key = f"pass1_{dom}"
+      if key in res[base]:
+        summary[f"rl_minus_{base}_{key}"] = res["rl"][key] - res[base][key]
   if jax.process_index() == 0:
     cols = ("pass1", "greedy_acc", "mean_length", "finished")
+    cols += tuple(f"pass1_{d}" for r in res.values() for d in
+                  evaluate.domains(r))  # fmt: skip
     table = metrics_lib.summary_table(
       {k: {c: v[c] for c in cols if c in v} for k, v in res.items()}
     )

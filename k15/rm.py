@@ -41,6 +41,7 @@ from k15 import model as model_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
 from k15.rewards import judge as judge_lib
+from k15.rewards import sandbox
 from k15.rewards.base import RewardResult
 
 RM_KINDS = judge_lib.RM_KINDS
@@ -402,21 +403,51 @@ class RewardConfig:
   threshold: scalar RM only, p(correct) above which a response scores 1.
   The rule verifier is always computed too, for the agreement metrics, and
   evaluation always uses the rule.
+  math_workers / code_workers: math-verify processes / concurrent
+    sandboxes (0: the defaults, the machine's cores);
+  math_timeout_s: per-answer limit on math-verify (a worker past it is
+    killed; the answer scores 0 as a "timeout");
+  code_timeout_s / code_memory_mb: wall-clock and address-space limits of
+    one program's run against all its tests (past them: "timeout" /
+    "memory", score 0).
   """
 
   kind: str = "verifier"
   ckpt: str = ""
   threshold: float = 0.5
+  math_workers: int = 0
+  math_timeout_s: float = 10.0
+  code_workers: int = 0
+  code_timeout_s: float = 10.0
+  code_memory_mb: int = 512
 
   def __post_init__(self):
     if self.kind not in REWARD_KINDS:
       raise ValueError(
         f"reward.kind={self.kind!r}; expected one of {REWARD_KINDS}"
       )
+    for name in ("math_workers", "code_workers"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"reward.{name}={getattr(self, name)} must be >= 0")
+    for name in ("math_timeout_s", "code_timeout_s", "code_memory_mb"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"reward.{name}={getattr(self, name)} must be > 0")
     if self.kind in RM_KINDS and not self.ckpt:
       raise ValueError(
         f"reward.kind={self.kind!r} needs reward.ckpt (an RM directory)"
       )
+
+  def backends(self) -> dict[str, dict[str, Any]]:
+    """`RewardPool(cfg)`: the math and code backends' settings (training
+    settings: the code reward never allows fakeable test modes)."""
+    limits = sandbox.Limits(
+      timeout_s=self.code_timeout_s, memory_mb=self.code_memory_mb
+    )
+    return dict(
+      math=dict(timeout_s=self.math_timeout_s,
+                num_workers=self.math_workers or None),
+      code=dict(limits=limits, workers=self.code_workers or None),
+    )  # fmt: skip
 
   @property
   def judge(self) -> str | None:

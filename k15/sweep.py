@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -35,8 +36,10 @@ from k15 import config_lib, pipeline
 # evaluation metrics that go in the tables, in this order (others, e.g.
 # the per-difficulty pass1_d<n>, follow in the order they first appear)
 _MAIN = ("pass1", "greedy_acc", "mean_length", "finished")
-# summary deltas (pipeline.write_summary) a target can name
+# summary deltas (pipeline.write_summary) a target can name; prompt-file
+# runs add one per domain (rl_minus_sft_pass1_math, ...)
 _DELTAS = ("rl_minus_sft_pass1", "rl_minus_control_pass1")
+_DELTA_RE = re.compile(r"rl_minus_(sft|control)_pass1(_[A-Za-z0-9_]+)?$")
 _EPS = 1e-9  # pass@1 differences are sums of floats: 0.6 - 0.5 < 0.1
 _ENV = ("XLA_FLAGS", "JAX_DEFAULT_MATMUL_PRECISION", "JAX_PLATFORMS")
 
@@ -61,10 +64,11 @@ def targets_of(config: ml_collections.ConfigDict) -> dict[str, float]:
   summary's deltas (`rl_minus_sft_pass1`, ...) or `<stage>/<metric>`."""
   targets = dict(config.get("targets") or {})
   for key, value in targets.items():
-    if key not in _DELTAS and "/" not in key:
+    if not _DELTA_RE.match(key) and "/" not in key:
       raise config_lib.ConfigError(
           f"config: targets.{key} names no result (known: "
-          f"{', '.join(_DELTAS)}, or <stage>/<metric> such as rl/pass1)")
+          f"{', '.join(_DELTAS)}, the same with _<domain>, or "
+          "<stage>/<metric> such as rl/pass1)")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
       raise config_lib.ConfigError(
           f"config field targets.{key}={value!r} should be a number")
@@ -134,8 +138,10 @@ def summarize(per_seed: dict[int, dict[str, Any]],
                              s["results"].get(stage, {})])
                   for k in keys if any(k in s["results"].get(stage, {})
                                        for s in per_seed.values())}
+  names = [k for s in per_seed.values() for k in s if _DELTA_RE.match(k)]
   deltas = {k: _stats([s[k] for s in per_seed.values()])
-            for k in _DELTAS if all(k in s for s in per_seed.values())}
+            for k in dict.fromkeys(names)
+            if all(k in s for s in per_seed.values())}
   checks = {}
   for key, minimum in targets.items():
     got = {seed: _lookup(s, key) for seed, s in per_seed.items()}
@@ -213,8 +219,9 @@ def markdown(results: dict[str, Any], name: str = "") -> str:
     for stage, st in results["stages"].items():
       lines.append(f"| {stage} | " + " | ".join(
           f"{st[d]['mean']:.2f}" if d in st else "" for d in diffs) + " |")
+  lines += _domain_tables(results)
   stages = list(results["stages"])
-  deltas = list(results["deltas"])
+  deltas = [d for d in results["deltas"] if d in _DELTAS]
   lines += ["", "Each seed (pass@1; wall time includes compiles and resumes):",
             "", "| seed | " + " | ".join(stages + deltas) + " | wall |",
             "|---|" + "---|" * (len(stages) + len(deltas) + 1)]
@@ -238,6 +245,50 @@ def markdown(results: dict[str, Any], name: str = "") -> str:
       lines.append(f"- {key} ≥ {c['minimum']:+.2f}: "
                    f"{'met' if c['met'] else 'NOT met'} ({got})")
   return "\n".join(lines) + "\n"
+
+
+def _domains(results: dict[str, Any]) -> list[str]:
+  """Domains of a prompt-file run (pass1_<domain> in the evaluations)."""
+  out: list[str] = []
+  for st in results["stages"].values():
+    out += [k[6:] for k in st if k.startswith("pass1_")
+            and not re.fullmatch(r"pass1_d\d+", k) and k[6:] not in out]
+  return out
+
+
+def _domain_tables(results: dict[str, Any]) -> list[str]:
+  """Per-domain pass@1 (mean ± std [min, max]) and each seed's numbers."""
+  doms = _domains(results)
+  if not doms:
+    return []
+  stages = list(results["stages"])
+  lines = ["", "pass@1 by domain, mean ± std [min, max] over the seeds "
+           "(greedy accuracy in brackets after it):", "",
+           "| stage | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+  for stage in stages:
+    st = results["stages"][stage]
+    cells = []
+    for d in doms:
+      cell = _fmt(st[f"pass1_{d}"]) if f"pass1_{d}" in st else ""
+      if f"greedy_acc_{d}" in st:
+        cell += f" (greedy {st[f'greedy_acc_{d}']['mean']:.3f})"
+      cells.append(cell)
+    lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+  deltas = [f"rl_minus_{b}_pass1_{d}" for b in ("sft", "control")
+            for d in doms if f"rl_minus_{b}_pass1_{d}" in results["deltas"]]
+  cols = [(st, d) for st in stages for d in doms]
+  lines += ["", "Each seed, pass@1 by domain:", "",
+            "| seed | " + " | ".join(f"{st} {d}" for st, d in cols)
+            + "".join(f" | {k[len('rl_minus_'):]}" for k in deltas) + " |",
+            "|---|" + "---|" * (len(cols) + len(deltas))]
+  for seed in results["seeds"]:
+    s = results["per_seed"][seed]
+    cells = [f"{s['results'][st][f'pass1_{d}']:.3f}"
+             if f"pass1_{d}" in s["results"].get(st, {}) else ""
+             for st, d in cols]
+    cells += [f"{s[k]:+.3f}" for k in deltas]
+    lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def _write(workdir: str, results: dict[str, Any], name: str) -> None:

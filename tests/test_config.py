@@ -141,7 +141,19 @@ def test_big_config_needs_a_pod_mesh():
   cfg = config_lib.load(path)
   s = pipeline.settings(cfg, vocab_size=64, num_devices=64)
   assert s.model.num_params() > 5e9  # a 7B-class shape
-  assert s.model.max_len == s.rollout.max_len == 131_072
+  # the report's 128k-token responses, in partial-rollout segments, ring
+  # attention over a context axis > 1 on the 64-chip mesh
+  assert s.model.max_len == s.rollout.max_len
+  assert s.rollout.max_len - s.rollout.prompt_len == 131_072
+  assert s.rollout.partial and s.rollout.budget < 131_072
+  assert sharding.mesh_shape(s.mesh, 64)["context"] > 1
+  assert s.model.attention == "ring"
+  # real data: math and code prompt files, curriculum + length penalty
+  assert s.task.name == "jsonl"
+  assert s.task.rl_files == ("math_rl.jsonl", "code_rl.jsonl")
+  assert "humaneval.jsonl" in s.task.eval_files
+  assert s.data.strategy == "curriculum+prioritized" and s.data.stages
+  assert s.length_penalty.schedule == "constant" and s.length_penalty.warmup
   with pytest.raises(ValueError, match="mesh"):
     pipeline.settings(cfg, vocab_size=64, num_devices=8)
 

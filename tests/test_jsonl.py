@@ -12,7 +12,12 @@ from k15.tasks import jsonl
 GOOD = [
   {"question": "What is 6 * 7?", "answer": "42", "difficulty": 2},
   {"prompt": "Add 1 and 2.", "answer": 3, "kind": "exact", "id": "q2"},
-  {"question": "def f(): ...", "kind": "code", "tests": ["assert f() == 1"]},
+  {
+    "question": "def f(): ...",
+    "kind": "code",
+    "entry_point": "f",
+    "tests": ["assert f() == 1"],
+  },
   {"question": "Half of 5?", "answer": 2.5, "trace": "5 / 2 = 2.5"},
 ]
 
@@ -59,6 +64,39 @@ BAD = [
     "max_prompt_tokens=100",
   ),
   ('{"question": "What is 6 * 7?", "answer": "42"}', "duplicate", "line 1"),
+  (
+    '{"question": "f", "kind": "code", "tests": ["assert f() == 1"]}',
+    "fakeable_tests",
+    "test_mode: test mode 'assert' runs the tests inside the program's "
+    "process, where it can fake a pass",
+  ),
+  (
+    '{"question": "f", "kind": "code", "tests": [{"args": [1]}]}',
+    "wrong_type",
+    "'tests' should be all code strings",
+  ),
+  (
+    '{"question": "f", "kind": "code", "tests": [{"args": [1], '
+    '"expected": 2}]}',
+    "missing_field",
+    "'entry_point' (test mode 'call')",
+  ),
+  (
+    '{"question": "f", "kind": "code", "entry_point": "f", "test_mode": '
+    '"stdio", "tests": [{"args": [1], "expected": 2}]}',
+    "bad_value",
+    "'test_mode'='stdio' does not fit",
+  ),
+  (
+    '{"question": "Q?", "answer": "1", "domain": "d3"}',
+    "bad_value",
+    "'domain'",
+  ),
+  (
+    '{"question": "Q?", "answer": "1", "difficulty_pass_rate": 1.5}',
+    "bad_value",
+    "'difficulty_pass_rate'=1.5",
+  ),
 ]
 
 
@@ -92,6 +130,7 @@ def test_good_rows_are_normalised(tmp_path):
   assert rows[3]["trace"] == "5 / 2 = 2.5" and rows[0]["trace"] == ""
   assert rows[1]["id"] == "q2" and "prompt" not in rows[1]
   assert rows[2]["tests"] == ["assert f() == 1"]
+  assert [r["domain"] for r in rows] == ["math", "math", "code", "math"]
 
 
 @pytest.mark.parametrize("line, reason, words", BAD)

@@ -88,3 +88,46 @@ def test_run_writes_results_per_seed(tmp_path, monkeypatch):
   sweep.run(config, str(tmp_path), [0, 1, 2])
   walls = json.loads((tmp_path / "seed_0" / "wall_time.json").read_text())
   assert walls["wall_s"] >= out["per_seed"][0]["wall_s"]
+
+
+def _domain_summary(seed):
+  """A prompt-file run's summary: pass@1 per domain, and its deltas."""
+  vals = dict(sft=(0.5, 0.4), rl=(0.9, 0.7 + 0.1 * seed), control=(0.55, 0.4))
+  res = {k: dict(pass1=(m + c) / 2, greedy_acc=0.9, mean_length=20.0,
+                 finished=1.0, pass1_math=m, pass1_code=c,
+                 greedy_acc_math=0.95, greedy_acc_code=0.85, pass1_d1=0.5)
+         for k, (m, c) in vals.items()}
+  out = dict(results=res)
+  for base in ("sft", "control"):
+    out[f"rl_minus_{base}_pass1"] = res["rl"]["pass1"] - res[base]["pass1"]
+    for d in ("math", "code"):
+      out[f"rl_minus_{base}_pass1_{d}"] = (res["rl"][f"pass1_{d}"]
+                                           - res[base][f"pass1_{d}"])
+  return out
+
+
+def test_per_domain_deltas_targets_and_tables(tmp_path, monkeypatch):
+  monkeypatch.setattr(pipeline, "run",
+                      lambda config, workdir: _domain_summary(config.seed))
+  config = ml_collections.ConfigDict(dict(name="mixed", seed=0, targets=dict(
+      rl_minus_control_pass1_code=0.35, rl_minus_sft_pass1_math=0.3)))
+  out = sweep.run(config, str(tmp_path), [0, 1, 2])
+  code = out["deltas"]["rl_minus_control_pass1_code"]
+  assert code["mean"] == pytest.approx(0.4) and code["min"] == pytest.approx(
+      0.3)
+  # seed 0's code gain over the control is 0.30 < 0.35: not met
+  assert not out["targets"]["rl_minus_control_pass1_code"]["met"]
+  assert out["targets"]["rl_minus_sft_pass1_math"]["met"]
+  md = (tmp_path / "results.md").read_text()
+  assert "| stage | math | code |" in md
+  assert ("| rl | 0.900 ± 0.000 [0.900, 0.900] (greedy 0.950) | "
+          "0.800 ± 0.100 [0.700, 0.900] (greedy 0.850) |") in md
+  assert ("| seed | sft math | sft code | rl math | rl code | control math "
+          "| control code | sft_pass1_math | sft_pass1_code | "
+          "control_pass1_math | control_pass1_code |") in md
+  assert "| 2 | 0.500 | 0.400 | 0.900 | 0.900 | 0.550 | 0.400 | +0.400 | " \
+      "+0.500 | +0.350 | +0.500 |" in md
+  assert "rl_minus_control_pass1_code ≥ +0.35: NOT met" in md
+  with pytest.raises(config_lib.ConfigError, match="targets.rl_minus_x"):
+    sweep.targets_of(ml_collections.ConfigDict(dict(targets=dict(
+        rl_minus_x_pass1=0.1))))

@@ -23,8 +23,10 @@ HumanEval), `item["prompt"] + response`.
 
 import collections
 import dataclasses
+import hashlib
 import json
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,6 +143,10 @@ class CodeReward:
   allow_fakeable: also run "assert" items, whose pass a program can fake
   (evaluation only; each result then has `info["fakeable"] = True`).
   Without it such an item raises ValueError.
+  memo: verdicts kept for repeated (program, tests) jobs (a policy samples
+  the same program many times); only causes a rerun would repeat (ok,
+  wrong_answer, error) are kept, never a timeout or a killed run, and such
+  results carry `info["cached"] = True`. 0 turns it off.
   """
 
   def __init__(
@@ -150,11 +156,15 @@ class CodeReward:
     workers: int | None = None,
     python: str = "/usr/bin/python3",
     allow_fakeable: bool = False,
+    memo: int = 1 << 16,
   ):
     sandbox.check_available()  # refuse up front, never run unsandboxed
     self.sandbox = sandbox.Sandbox(python=python, limits=limits)
     self.workers = workers
     self.allow_fakeable = allow_fakeable
+    self.memo = memo
+    self._memo: dict[str, RewardResult] = {}
+    self._lock = threading.Lock()
 
   def __call__(
     self,
@@ -180,11 +190,25 @@ class CodeReward:
       if program is None:
         results[i] = RewardResult(0.0, False, "no_code")
         continue
-      jobs.append(make_job(item, program))
-      where.append(i)
-    for i, res in zip(
-      where, self.sandbox.run_many(jobs, workers=self.workers), strict=True
-    ):
+      job = make_job(item, program)
+      key = _job_key(job)
+      with self._lock:
+        hit = self._memo.get(key)
+      if hit is not None:
+        results[i] = dataclasses.replace(hit, info={**hit.info, "cached": True})
+        continue
+      jobs.append(job)
+      where.append((i, key))
+    # each distinct job runs once; its repeats in this batch share the run
+    first: dict[str, int] = {}
+    unique: list[sandbox.Job] = []
+    for job, (_, key) in zip(jobs, where, strict=True):
+      if key not in first:
+        first[key] = len(unique)
+        unique.append(job)
+    runs = self.sandbox.run_many(unique, workers=self.workers)
+    for i, key in where:
+      res = runs[first[key]]
       info = dict(
         passed=res.num_passed,
         tests=len(res.tests),
@@ -195,7 +219,20 @@ class CodeReward:
       if res.fakeable:
         info["fakeable"] = True
       results[i] = RewardResult(float(res.passed), res.passed, res.cause, info)
+      if self.memo and res.cause in _MEMO_CAUSES:
+        with self._lock:
+          if len(self._memo) >= self.memo:
+            self._memo.pop(next(iter(self._memo)))
+          self._memo[key] = results[i]
     return results  # type: ignore[return-value]
+
+
+# what a rerun of the same program on the same tests would repeat
+_MEMO_CAUSES = frozenset({"ok", "wrong_answer", "error"})
+
+
+def _job_key(job: sandbox.Job) -> str:
+  return hashlib.sha256(repr(job).encode()).hexdigest()
 
 
 # -- test-case validation (report §2.3.5, PAPER.md §5.4) ---------------------

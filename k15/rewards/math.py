@@ -27,6 +27,7 @@ answers False, which would count a slow check as a wrong answer.
 import dataclasses
 import itertools
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -231,7 +232,10 @@ class MathReward:
   formats: answer markers that count (an item's "answer_formats" overrides);
   exact_only: skip math-verify (the 'exact' kind for synthetic tasks);
   timeout_s: outer per-item limit on verification (worker killed past it);
-  num_workers: verifier processes (default: the machine's cores).
+  num_workers: verifier processes (default: the machine's cores);
+  memo: math-verify verdicts kept per (gold, answer) pair (a policy repeats
+    its answers); only "ok" / "wrong_answer", never a timeout; 0 turns it
+    off. Each distinct pair of a batch goes to the workers once.
   """
 
   def __init__(
@@ -242,7 +246,11 @@ class MathReward:
     exact_only: bool = False,
     timeout_s: float = 10.0,
     num_workers: int | None = None,
+    memo: int = 1 << 16,
   ):
+    self.memo = memo
+    self._memo: dict[tuple[str, str], str] = {}
+    self._lock = threading.Lock()
     self.formats = tuple(formats)
     self.max_trailing_chars = max_trailing_chars
     self.exact_only = exact_only
@@ -292,17 +300,39 @@ class MathReward:
       else:
         slow.append((i, gold, ex.answer))
     if slow:
-      outcomes = self.pool.map([(g, a) for _, g, a in slow], self.timeout_s)
-      for (i, gold, answer), out in zip(slow, outcomes, strict=True):
-        info = {"answer": answer, "gold": gold, "by": "math_verify"}
-        if out.ok and out.value == "ok":
-          results[i] = RewardResult(1.0, True, "ok", info)
-        elif out.ok:  # "wrong_answer", or "timeout" by math-verify's alarm
-          if out.value == "timeout":
-            info["detail"] = f"math-verify's own {_INNER_TIMEOUT_S} s limit"
-          results[i] = RewardResult(0.0, False, out.value, info)
-        else:
-          cause = "timeout" if out.cause == "timeout" else "error"
-          info["detail"] = out.detail
-          results[i] = RewardResult(0.0, False, cause, info)
+      self._verify(slow, results)
     return results  # type: ignore[return-value]
+
+  def _verify(self, slow, results) -> None:
+    """math-verify's verdicts on (index, gold, answer) triples, into
+    results: remembered pairs from the memo, each other distinct pair once
+    through the worker pool."""
+    with self._lock:
+      known = {(g, a): self._memo[(g, a)] for _, g, a in slow
+               if (g, a) in self._memo}  # fmt: skip
+    todo = list(dict.fromkeys((g, a) for _, g, a in slow
+                              if (g, a) not in known))  # fmt: skip
+    outcomes = dict(zip(todo, self.pool.map(todo, self.timeout_s),
+                        strict=True))  # fmt: skip
+    for i, gold, answer in slow:
+      info = {"answer": answer, "gold": gold, "by": "math_verify"}
+      if (gold, answer) in known:
+        out = workers.Outcome("ok", known[(gold, answer)])
+        info["cached"] = True
+      else:
+        out = outcomes[(gold, answer)]
+      if out.ok and out.value == "ok":
+        results[i] = RewardResult(1.0, True, "ok", info)
+      elif out.ok:  # "wrong_answer", or "timeout" by math-verify's alarm
+        if out.value == "timeout":
+          info["detail"] = f"math-verify's own {_INNER_TIMEOUT_S} s limit"
+        results[i] = RewardResult(0.0, False, out.value, info)
+      else:
+        cause = "timeout" if out.cause == "timeout" else "error"
+        info["detail"] = out.detail
+        results[i] = RewardResult(0.0, False, cause, info)
+      if self.memo and out.ok and out.value in ("ok", "wrong_answer"):
+        with self._lock:
+          if len(self._memo) >= self.memo:
+            self._memo.pop(next(iter(self._memo)))
+          self._memo[(gold, answer)] = out.value

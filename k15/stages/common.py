@@ -68,7 +68,7 @@ class Context:
   workdir: str
   s: Any
   tok: Any  # tokenizer.Tokenizer
-  task: Any  # the task module: splits, tokenizer_corpus, ...
+  task: Any  # the `task` section (tasks.TaskConfig)
   problems: Mapping[str, Sequence[Any]]  # sft / rl / eval problem sets
   mesh: jax.sharding.Mesh
   tx: Any  # the RL optimizer (optim)

@@ -27,6 +27,7 @@ success rates have reached the prompt sampler.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from typing import NamedTuple
@@ -95,8 +96,18 @@ def minibatch_rows(s) -> int:
 
 
 def _prompt_sampler(ctx: common.Context) -> curriculum.PromptSampler:
-  difficulty = np.array([p.difficulty for p in ctx.problems["rl"]])
-  return curriculum.PromptSampler(difficulty, ctx.s.data, ctx.s.seed)
+  """Over the RL set: each problem's difficulty label, and for prompt
+  files its mixing weight and curated pass rate (the prioritized
+  sampler's prior)."""
+  problems = ctx.problems["rl"]
+  rates = [getattr(p, "pass_rate", None) for p in problems]
+  return curriculum.PromptSampler(
+    np.array([p.difficulty for p in problems]),
+    ctx.s.data,
+    ctx.s.seed,
+    weight_N=np.array([getattr(p, "weight", 1.0) for p in problems]),
+    prior_N=np.array([np.nan if r is None else r for r in rates]),
+  )
 
 
 def _abstract(ctx: common.Context) -> dict:
@@ -146,20 +157,26 @@ def _progress(m: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _score(ctx, groups) -> tuple[np.ndarray, dict]:
-  """The reward of every member of `groups` (flat, in order) and the
-  reward system's metrics: each row routed by its kind through the run's
-  reward pool, or judged by config.reward's RM."""
+def submit_scores(ctx, groups):
+  """Starts scoring every member of `groups` (flat, in order): each row
+  routed by its kind through the run's reward pool, or judged by
+  config.reward's RM. Returns a Future of the `rewards.RewardBatch`: rule
+  kinds (host processes: math-verify, sandboxes) score in the pool's
+  thread while the caller dispatches device work; a reward model, which
+  runs on the devices itself, scores before this returns."""
   trajs = [t for g in groups for t in g.members]
   problems = [ctx.problems["rl"][g.problem] for g in groups for _ in g.members]
-  scored = rewards_lib.score(
+  args = (
     [p.to_item() for p in problems],
     [ctx.tok.decode(t.response) for t in trajs],
     [t.status == sampler_lib.STOPPED for t in trajs],
-    pool=ctx.rewards,
-    judge=ctx.s.reward.judge,
   )
-  return scored.scores, scored.metrics
+  judge = ctx.s.reward.judge
+  if judge is None:
+    return ctx.rewards.submit(*args)
+  done = concurrent.futures.Future()
+  done.set_result(rewards_lib.score(*args, pool=ctx.rewards, judge=judge))
+  return done
 
 
 # ---------------------------------------------------------------------------
@@ -290,11 +307,15 @@ class Scored(NamedTuple):
   keep: np.ndarray  # the (at most prompts_per_iter) groups trained on
 
 
-def score_groups(ctx, it: int, groups) -> tuple[Scored, dict]:
+def score_groups(ctx, it: int, groups, pending=None) -> tuple[Scored, dict]:
   """Rewards, shaping and advantages of every scored group; which to train
-  on (dynamic sampling: those whose rewards differ first)."""
+  on (dynamic sampling: those whose rewards differ first). `pending`: the
+  Future of `submit_scores(ctx, groups)` when already started."""
   s, K, G = ctx.s, ctx.s.rollout.k, len(groups)
-  correct, reward_metrics = _score(ctx, groups)
+  t0 = time.time()
+  scored_batch = (pending or submit_scores(ctx, groups)).result()
+  correct, reward_metrics = scored_batch.scores, dict(scored_batch.metrics)
+  reward_metrics["reward_wait_time"] = time.time() - t0
   trajs = [t for g in groups for t in g.members]
   lengths_GxK = np.array([len(t.response) for t in trajs], np.float32)
   status_GxK = np.array([t.status for t in trajs]).reshape(G, K)
@@ -330,27 +351,32 @@ def update(ctx: common.Context, carry: Carry, it: int, groups):
   Returns (state, metrics, skipped per minibatch update).
   """
   s, ro = ctx.s, ctx.s.rollout
-  sc, reward_metrics = score_groups(ctx, it, groups)
+  pending = submit_scores(ctx, groups)
+  # With at most P groups every one is trained (no dynamic-sampling choice
+  # waits on the rewards), so pi_theta_i's log-probs are dispatched to the
+  # devices now and computed while the host scores; rewards only fill in
+  # the advantages.
+  early = None
+  if len(groups) <= ro.prompts_per_iter:
+    early = _layout(ctx, it, groups, np.zeros((len(groups), ro.k)))
+    early_ref = dispatch_reference_logp(
+      ctx, carry.state, early[0], len(groups) * ro.k
+    )
+  sc, reward_metrics = score_groups(ctx, it, groups, pending)
   # Reward and accuracy metrics cover every scored group; the update takes
-  # at most P of them (dynamic sampling). Rows are laid out for P groups
-  # whatever their number (padding rows weigh 0), and responses take a few
-  # widths (rollout.response_len): no retrace per iteration.
+  # at most P of them (dynamic sampling).
   trained = [groups[g] for g in sc.keep]
-  rows = ro.prompts_per_iter * ro.k
-  batch, old_BxT = rollout.training_batch(
-    trained,
-    sc.adv_GxK[sc.keep],
-    iteration=it,
-    prompt_len=ro.prompt_len,
-    response_len=ro.response_len(int(sc.lengths_GxK[sc.keep].max())),
-    rows=rows,
-    pad_id=ctx.tok.pad_id,
-    loss_segments=ro.loss_segments,
-  )
   n_real = len(trained) * ro.k
+  adv = sc.adv_GxK[sc.keep]
+  if early is not None:  # sc.keep is every group, in order
+    batch, old_BxT = early
+    batch["advantages_B"][:n_real] = adv.reshape(-1)
+  else:
+    batch, old_BxT = _layout(ctx, it, trained, adv)
+    early_ref = dispatch_reference_logp(ctx, carry.state, batch, n_real)
   # pi_theta_i's log-probs of every token (older segments included) are
   # the reference of this iteration's problem.
-  batch["ref_logp_BxT"] = reference_logp(ctx, carry.state, batch, n_real)
+  batch["ref_logp_BxT"] = np.concatenate(sharding.gather(early_ref))
   state = carry.state
   if s.rl.reset_optimizer:
     state = train.reset_optimizer(state, tx=ctx.tx)
@@ -365,9 +391,36 @@ def update(ctx: common.Context, carry: Carry, it: int, groups):
   return state, out, tuple(bool(m["skipped"]) for m in step_metrics)
 
 
+def _layout(ctx, it: int, trained, adv_GxK: np.ndarray):
+  """(batch, old_BxT) of the trained groups (`rollout.training_batch`).
+  Rows are laid out for P groups whatever their number (padding rows
+  weigh 0), and responses take a few widths (rollout.response_len): no
+  retrace per iteration."""
+  ro = ctx.s.rollout
+  longest = max(len(t.response) for g in trained for t in g.members)
+  return rollout.training_batch(
+    trained,
+    adv_GxK,
+    iteration=it,
+    prompt_len=ro.prompt_len,
+    response_len=ro.response_len(longest),
+    rows=ro.prompts_per_iter * ro.k,
+    pad_id=ctx.tok.pad_id,
+    loss_segments=ro.loss_segments,
+  )
+
+
 def reference_logp(ctx, state, batch: dict, n_real: int) -> np.ndarray:
   """Per-token log-probs of the batch under `state` (pi_theta_i), one
   minibatch at a time; rows past `n_real` (padding only) are zeros."""
+  return np.concatenate(
+    sharding.gather(dispatch_reference_logp(ctx, state, batch, n_real))
+  )
+
+
+def dispatch_reference_logp(ctx, state, batch: dict, n_real: int) -> list:
+  """`reference_logp` without waiting: one array per minibatch (device
+  arrays still computing; zeros for padding-only minibatches)."""
   mb = minibatch_rows(ctx.s)
   ref = []
   for j in range(ctx.s.rl.num_minibatches):
@@ -383,7 +436,7 @@ def reference_logp(ctx, state, batch: dict, n_real: int) -> np.ndarray:
         model=ctx.s.model,
       )
     )
-  return np.concatenate(sharding.gather(ref))
+  return ref
 
 
 def minibatch_updates(ctx, state, it: int, batch: dict, n_real: int):

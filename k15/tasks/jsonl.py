@@ -1,19 +1,35 @@
-"""JSONL prompt files (GSM8K / MATH style), validated row by row.
+"""JSONL prompt files, validated row by row: one schema for math and code
+prompts, for the RL set, the SFT set and the held-out set alike.
 
 One JSON object per line:
 
   {"question": "What is 6 * 7?", "answer": "42", "difficulty": 2,
    "kind": "math"}
+  {"prompt": "Write f(xs) ...", "kind": "code", "entry_point": "f",
+   "tests": [{"args": [[1, 2]], "expected": 3}], "domain": "code"}
 
 - `question` (or `prompt`, not both): a non-empty string;
 - `answer`: a non-empty string, or a number (written back as JSON text);
-  required except for kind "code", which needs `tests` (non-empty list of
-  strings) instead;
+  required except for kind "code", which needs `tests` instead: a
+  non-empty list of code strings (run as "judge" tests with an
+  `entry_point`), of {"args": [...], "expected": value} ("call") or of
+  {"input": str, "output": str} ("stdio"); `entry_point` (a string) and
+  `test_mode` are optional. A test mode a program could fake ("assert":
+  code strings without an entry point) is a bad row: training and
+  evaluation both score with the run's reward pool, which refuses it;
 - `difficulty` (optional): an integer >= 0, the curriculum's label;
+- `difficulty_pass_rate` (optional, written by `python -m
+  k15.tools.curate`): the curated pass rate in [0, 1];
 - `kind` (optional, default `JsonlConfig.default_kind`): a reward kind of
   `k15.rewards` ("exact", "math", "code");
-- `trace` (optional): a string, the chain of thought for SFT warm-up;
+- `domain` (optional): a name for per-domain metrics (letters, digits and
+  `_`; default "code" for code rows, else "math");
+- `trace` (optional): a string, the response the SFT warm-up imitates;
 - other fields pass through unchanged (ids, metadata).
+
+`load_problems` reads several files into `Problem`s (what a run's task
+splits hold), mixing them by weight and turning the curated pass rate into
+the difficulty label and the prioritized sampler's prior.
 
 A malformed row (bad JSON or UTF-8, not an object, a missing field, a wrong
 type, an empty prompt, a prompt longer than `max_prompt_tokens`, a repeated
@@ -30,8 +46,11 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from k15.rewards import code as code_reward
 
 KINDS = ("exact", "math", "code", "cot_rm", "scalar_rm")  # = k15.rewards.KINDS
 ON_ERROR = ("fail", "skip")
@@ -90,6 +109,7 @@ class LoadReport:
   kept: int = 0
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)
   errors: list[str] = dataclasses.field(default_factory=list)
+  lines: list[int] = dataclasses.field(default_factory=list)  # of kept rows
 
   @property
   def num_skipped(self) -> int:
@@ -140,6 +160,7 @@ def load(
           report.errors.append(msg)
         continue
       rows.append(row)
+      report.lines.append(lineno)
   report.kept = len(rows)
   report.skipped = dict(sorted(skipped.items()))
   if report.num_skipped:
@@ -202,17 +223,29 @@ def _row(
       "wrong_type", f"field 'trace' should be a string, got {_type(trace)}"
     )
   if kind == "code":
-    tests = row.get("tests")
-    if tests is None:
-      raise _BadRow("missing_field", "missing field 'tests' (kind 'code')")
-    if (
-      not isinstance(tests, list)
-      or not tests
-      or not all(isinstance(t, str) for t in tests)
-    ):
-      raise _BadRow(
-        "wrong_type", "field 'tests' should be a non-empty list of strings"
-      )
+    _code_fields(row)
+  domain = row.get("domain", "code" if kind == "code" else "math")
+  if (
+    not isinstance(domain, str)
+    or not _DOMAIN_RE.fullmatch(domain)
+    or _DIFFICULTY_NAME.fullmatch(domain)
+  ):
+    raise _BadRow(
+      "bad_value",
+      f"field 'domain'={domain!r} should be a name of letters, digits and _ "
+      "(not d<number>: metrics name difficulties so)",
+    )
+  pass_rate = row.get("difficulty_pass_rate")
+  if pass_rate is not None and (
+    isinstance(pass_rate, bool)
+    or not isinstance(pass_rate, (int, float))
+    or not 0 <= pass_rate <= 1
+  ):
+    raise _BadRow(
+      "bad_value",
+      f"field 'difficulty_pass_rate'={pass_rate!r} should be a number in "
+      "[0, 1]",
+    )
   if cfg.max_prompt_tokens:
     n = count_tokens(question)
     if n > cfg.max_prompt_tokens:
@@ -227,15 +260,79 @@ def _row(
     difficulty=difficulty,
     kind=kind,
     trace=trace,
+    domain=domain,
   )
   return row
 
 
+_DOMAIN_RE = re.compile(r"[A-Za-z0-9_]+")
+_DIFFICULTY_NAME = re.compile(r"d\d+")
+_TEST_MODES = ("judge", "call", "stdio", "assert")
+_MODES_OF_SHAPE = {
+  "code": ("judge", "assert"),
+  "call": ("call",),
+  "stdio": ("stdio",),
+}
+
+
+def _code_fields(row: dict[str, Any]) -> None:
+  """A code row's tests, entry point and test mode; a mode whose pass a
+  program can fake is refused here, at load, not mid-run."""
+  tests = row.get("tests")
+  if tests is None:
+    raise _BadRow("missing_field", "missing field 'tests' (kind 'code')")
+  if not isinstance(tests, list) or not tests:
+    raise _BadRow(
+      "wrong_type", "field 'tests' should be a non-empty list of tests"
+    )
+  shapes = {_test_shape(t) for t in tests}
+  if None in shapes or len(shapes) > 1:
+    raise _BadRow(
+      "wrong_type",
+      "field 'tests' should be all code strings, all {'args': [...], "
+      "'expected': ...} or all {'input': str, 'output': str}",
+    )
+  entry = row.get("entry_point")
+  if entry is not None and (not isinstance(entry, str) or not entry):
+    raise _BadRow(
+      "wrong_type", "field 'entry_point' should be a non-empty string"
+    )
+  mode = row.get("test_mode")
+  if mode is not None and mode not in _TEST_MODES:
+    raise _BadRow(
+      "bad_value", f"field 'test_mode'={mode!r}; expected one of {_TEST_MODES}"
+    )
+  mode = code_reward.test_mode(row)
+  if mode not in _MODES_OF_SHAPE[shapes.pop()]:
+    raise _BadRow(
+      "bad_value", f"field 'test_mode'={mode!r} does not fit the tests' form"
+    )
+  if mode in ("judge", "call") and not entry:
+    raise _BadRow(
+      "missing_field", f"missing field 'entry_point' (test mode {mode!r})"
+    )
+  try:
+    code_reward.check_mode_for_training(mode, "test_mode")
+  except ValueError as e:
+    raise _BadRow("fakeable_tests", str(e)) from None
+
+
+def _test_shape(t: Any) -> str | None:
+  if isinstance(t, str) and t.strip():
+    return "code"
+  if isinstance(t, dict) and set(t) == {"args", "expected"}:
+    return "call" if isinstance(t["args"], list) else None
+  if isinstance(t, dict) and set(t) == {"input", "output"}:
+    ok = isinstance(t["input"], str) and isinstance(t["output"], str)
+    return "stdio" if ok else None
+  return None
+
+
 def _answer(row: dict[str, Any], kind: str) -> str:
   answer = row.get("answer")
+  if kind == "code" and answer in (None, ""):
+    return ""  # code rows are judged by their tests
   if answer is None:
-    if kind == "code":
-      return ""
     raise _BadRow("missing_field", "missing field 'answer'")
   if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
     raise _BadRow(
@@ -267,3 +364,103 @@ def _difficulty(d: Any) -> int:
 
 def _type(x: Any) -> str:
   return "null" if x is None else type(x).__name__
+
+
+# ---------------------------------------------------------------------------
+# Problems: what a run's task splits hold
+# ---------------------------------------------------------------------------
+
+DIFFICULTY = ("auto", "label", "pass_rate")
+# the curated pass rate p becomes the label round((1 - p) * PASS_RATE_LEVELS)
+PASS_RATE_LEVELS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One JSONL row as the run uses it (the synthetic tasks' interface).
+
+  difficulty: the curriculum's label (see `load_problems`); pass_rate: the
+  curated pass rate (None when not curated), the prioritized sampler's
+  prior; weight: the row's share of its file's mixing weight; where:
+  "file:line", for errors found later (e.g. a prompt too long for the
+  model's bucket).
+  """
+
+  question: str
+  answer: str
+  difficulty: int
+  trace: str
+  kind: str
+  domain: str
+  row: dict[str, Any]
+  pass_rate: float | None = None
+  weight: float = 1.0
+  where: str = ""
+
+  def to_item(self) -> dict[str, Any]:
+    """The reward row (`k15.rewards.score`): every field of the line, the
+    prompt under both names (completion items read `prompt`)."""
+    return dict(self.row, prompt=self.question, difficulty=self.difficulty)
+
+
+def difficulty_of(row: dict[str, Any], mode: str = "auto") -> int:
+  """The label: the row's `difficulty` ("label"), or from its curated
+  `difficulty_pass_rate` ("pass_rate"; "auto": when it has one)."""
+  rate = row.get("difficulty_pass_rate")
+  if mode == "label" or (mode == "auto" and rate is None):
+    return int(row["difficulty"])
+  if rate is None:
+    raise ValueError("no 'difficulty_pass_rate' (task.difficulty=pass_rate)")
+  return round((1.0 - float(rate)) * PASS_RATE_LEVELS)
+
+
+def load_problems(
+  paths: Sequence[str],
+  *,
+  weights: Sequence[float] = (),
+  default_kind: str = "math",
+  on_error: str = "fail",
+  difficulty: str = "auto",
+) -> list[Problem]:
+  """The rows of every file, in order, as Problems.
+
+  weights: one per file (default: each file's row count, i.e. every row
+    alike): file f is drawn with probability weights[f] / sum(weights),
+    spread evenly over its rows (`Problem.weight`).
+  difficulty: "auto" | "label" | "pass_rate" (`difficulty_of`); with
+    "auto" a curated row's pass rate sets its label (easy -> 0, unsolved
+    -> PASS_RATE_LEVELS), so curriculum stages and balance follow the
+    curation.
+  Raises JsonlError naming file:line for a bad row (`on_error="fail"`).
+  """
+  if difficulty not in DIFFICULTY:
+    raise ValueError(f"difficulty={difficulty!r}; expected one of {DIFFICULTY}")
+  if weights and len(weights) != len(paths):
+    raise ValueError(f"{len(weights)} weights for {len(paths)} files")
+  out: list[Problem] = []
+  for f, path in enumerate(paths):
+    cfg = JsonlConfig(path=path, on_error=on_error, default_kind=default_kind)
+    rows, report = load(cfg)
+    w = float(weights[f]) / len(rows) if weights else 1.0
+    for row, line in zip(rows, report.lines, strict=True):
+      where = f"{path}:{line}"
+      try:
+        d = difficulty_of(row, difficulty)
+      except ValueError as e:
+        raise JsonlError(f"{where}: {e}") from None
+      rate = row.get("difficulty_pass_rate")
+      out.append(
+        Problem(
+          question=row["question"],
+          answer=row["answer"],
+          difficulty=d,
+          trace=row["trace"],
+          kind=row["kind"],
+          domain=row["domain"],
+          row=row,
+          pass_rate=None if rate is None else float(rate),
+          weight=w,
+          where=where,
+        )
+      )
+  return out

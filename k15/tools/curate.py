@@ -17,17 +17,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from k15 import rewards, tasks
+from k15 import rejection, rewards, tasks
 from k15 import tokenizer as tokenizer_lib
+from k15.rewards import code as rewards_code
 from k15.tools.curate_filters import (
   FORMS,
   CurateConfig,
   Row,
-  Sample,
-  SampleFn,
   curate,
   format_table,
   report,
@@ -41,9 +41,10 @@ from k15.tools.curate_filters import (
 def read_prompts(path: str) -> list[Row]:
   """Rows of a JSONL prompt file; errors name the file and line.
 
-  Minimal reader (fields: question, answer, optional difficulty, kind,
-  metadata, id; others pass through unchanged). Numbers and booleans as
-  answers become strings.
+  Minimal reader (fields: question (or prompt), answer, optional
+  difficulty, kind, metadata, id; others pass through unchanged). Numbers
+  and booleans as answers become strings. Code rows (kind "code") carry
+  `tests` instead of an answer, in a test mode programs cannot fake.
   """
   rows = []
   with open(path) as f:
@@ -59,11 +60,15 @@ def read_prompts(path: str) -> list[Row]:
         raise ValueError(
           f"{where}: expected a JSON object, got {type(row).__name__}"
         )
-      q = row.get("question")
+      q = row.get("question", row.get("prompt"))
       if not isinstance(q, str) or not q.strip():
         raise ValueError(
           f"{where}: field 'question' must be a non-empty string"
         )
+      if row.get("kind") == "code":
+        _check_code_row(row, where)
+        rows.append(row)
+        continue
       a = row.get("answer")
       if isinstance(a, bool):
         a = str(a).lower()
@@ -85,6 +90,17 @@ def read_prompts(path: str) -> list[Row]:
   if not rows:
     raise ValueError(f"{path}: no prompts")
   return rows
+
+
+def _check_code_row(row: Row, where: str) -> None:
+  tests = row.get("tests")
+  if not isinstance(tests, list) or not tests:
+    raise ValueError(f"{where}: field 'tests' must be a non-empty list")
+  try:
+    mode = rewards_code.test_mode(row)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  rewards_code.check_mode_for_training(mode, f"{where}: test_mode")
 
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -112,40 +128,7 @@ def default_report_path(output: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def model_sample_fn(
-  params, *, tok, model, sampling, gen, shard_fn=None
-) -> SampleFn:
-  """A SampleFn over the jitted sampler (k15.rollout.generate).
-
-  `finished` is the sampler's STOPPED status (a stop token); rows cut by
-  the budget or the cache, or stopped for repeating, are unfinished.
-  Chunks have `gen.rows` rows, so compiled programs are reused across calls
-  with the same `max_tokens`.
-  """
-  import jax  # noqa: PLC0415 - the host-side filters do not need JAX
-
-  from k15 import rollout, sampler  # noqa: PLC0415
-
-  def fn(prompts, *, seed, temperature, max_tokens):
-    g = gen
-    if max_tokens is not None:
-      g = dataclasses.replace(gen, budget=min(max_tokens, gen.budget))
-    samp = dataclasses.replace(sampling, temperature=temperature)
-    gens = rollout.generate(
-      params,
-      [tok.encode(p) for p in prompts],
-      jax.random.key(seed),
-      model=model,
-      sampling=samp,
-      gen=g,
-      pad_id=tok.pad_id,
-      shard_fn=shard_fn,
-    )
-    return [
-      Sample(tok.decode(x.response), x.status == sampler.STOPPED) for x in gens
-    ]
-
-  return fn
+model_sample_fn = rejection.model_sample_fn  # the jitted sampler's SampleFn
 
 
 def resolve_ckpt(workdir: str, ckpt: str) -> str:
@@ -236,11 +219,17 @@ def curate_file(
 ) -> dict[str, Any]:
   """The command: curate a JSONL file with a run's model; returns the
   report (also written to `report_path`) and prints its table."""
-  from k15 import sharding  # noqa: PLC0415
+  from k15 import pipeline, sharding  # noqa: PLC0415
 
   cfg = cfg or CurateConfig()
   rows = read_prompts(input_path)
   params, s, tok, step, directory = load_model(config, workdir, ckpt)
+  code_rows = [
+    types.SimpleNamespace(kind="code", where=f"{input_path} row {i + 1}")
+    for i, r in enumerate(rows)
+    if r.get("kind") == "code"
+  ]
+  pipeline.check_sandbox({"rl": code_rows}, s)
   mesh = sharding.make_mesh(s.mesh)
   sampling = dataclasses.replace(
     s.sampler, stop_tokens=tuple(s.sampler.stop_tokens) or (tok.eos_id,)
@@ -255,7 +244,9 @@ def curate_file(
   )
   bucket = max(s.rollout.gen.prompt_buckets)
   with (
-    rewards.RewardPool(verifiers=tasks.verifiers()) as pool,
+    rewards.RewardPool(
+      s.reward.backends(), verifiers=tasks.verifiers()
+    ) as pool,
     sharding.mesh_context(mesh),  # as the pipeline samples
   ):
     kept, decisions = curate(
@@ -263,7 +254,7 @@ def curate_file(
       cfg=cfg,
       sample_fn=fn,
       pool=pool,
-      default_kind=s.task.name,
+      default_kind=s.task.default_reward_kind,
       fits=lambda t: len(tok.encode(t)) <= bucket,
     )
   report_path = report_path or default_report_path(output_path)

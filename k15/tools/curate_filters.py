@@ -34,11 +34,11 @@ import collections
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import numpy as np
 
-from k15 import rewards
+from k15 import rejection, rewards
 from k15 import tokenizer as tokenizer_lib
 
 Row = dict[str, Any]
@@ -53,26 +53,9 @@ REASONS = FORMS + (
 )
 
 
-class Sample(NamedTuple):
-  text: str  # the decoded response (without the prompt)
-  finished: bool  # stopped by a stop token (not cut, not repeating)
-
-
-class SampleFn(Protocol):
-  """One `Sample` per prompt text.
-
-  Deterministic for a seed; `max_tokens` None means the model's usual
-  chain-of-thought budget.
-  """
-
-  def __call__(
-    self,
-    prompts: list[str],
-    *,
-    seed: int,
-    temperature: float,
-    max_tokens: int | None,
-  ) -> list[Sample]: ...
+# the sampler interface is rejection sampling's (same prompts, same judge)
+Sample = rejection.Sample
+SampleFn = rejection.SampleFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +129,11 @@ class Decision:
   detail: str = ""
   no_cot_correct: int | None = None
   pass_rate: float | None = None
+
+
+def prompt_of(row: Row) -> str:
+  """A row's prompt text: `question`, or `prompt` (code rows)."""
+  return str(row.get("question", row.get("prompt", "")))
 
 
 # ---------------------------------------------------------------------------
@@ -237,7 +225,7 @@ def form_reason(
     for form in forms:
       if _tag(value) in FORM_TAGS[form]:
         return form, f"{key}={value!r}"
-  question = str(row.get("question", ""))
+  question = prompt_of(row)
   for form in forms:
     for name, pattern in FORM_PATTERNS[form]:
       if pattern.search(question):
@@ -353,7 +341,7 @@ def _form_filters(rows, decisions, cfg: CurateConfig, fits) -> None:
   """Form, duplicate and length: no model needed."""
   seen: dict[str, int] = {}
   for d, row in zip(decisions, rows, strict=True):
-    q = str(row["question"])
+    q = prompt_of(row)
     d.reason, d.detail = form_reason(row, cfg.forms)
     if d.reason is None and cfg.dedupe:
       if q in seen:
@@ -387,7 +375,7 @@ def _no_cot_filter(rows, decisions, cfg: CurateConfig, sample_fn, pool):
   ok = sample_correct(
     [rows[d.index] for d in todo],
     [
-      no_cot_prompt(str(rows[d.index]["question"]), cfg.no_cot_prefix)
+      no_cot_prompt(prompt_of(rows[d.index]), cfg.no_cot_prefix)
       for d in todo
     ],
     n=cfg.no_cot_attempts,
@@ -416,7 +404,7 @@ def _pass_rate_filter(rows, decisions, cfg: CurateConfig, sample_fn, pool):
     return
   ok = sample_correct(
     [rows[d.index] for d in todo],
-    [cot_prompt(str(rows[d.index]["question"])) for d in todo],
+    [cot_prompt(prompt_of(rows[d.index])) for d in todo],
     n=cfg.samples,
     sample_fn=sample_fn,
     pool=pool,
@@ -466,7 +454,7 @@ def report(
       row=d.index + 1,
       reason=d.reason,
       detail=d.detail,
-      question=str(row["question"])[:120],
+      question=prompt_of(row)[:120],
     )
     if "id" in row:
       item["id"] = row["id"]
