@@ -40,6 +40,7 @@ from k15 import (
   objective,
   rollout,
   sharding,
+  sources,
   tasks,
   train,
 )
@@ -84,7 +85,9 @@ class Settings:
   ckpt: ckpt_lib.CheckpointConfig
   eval: evaluate.EvalConfig
   mesh: dict[str, int]
-  init: str = ""  # a Llama/Qwen2 safetensors dir to start from
+  # the weights to start from (k15.sources): another run's DIR:stage or
+  # DIR:stage@step, or a Llama/Qwen2 safetensors dir
+  init: str = ""
   reward: rm_lib.RewardConfig = rm_lib.RewardConfig()
 
 
@@ -103,8 +106,8 @@ _SECTIONS = {
   "eval": evaluate.EvalConfig,
   "reward": rm_lib.RewardConfig,
 }
-# with config.init the architecture comes from the checkpoint; the config
-# keeps the runtime fields
+# with an HF config.init the architecture comes from the checkpoint; the
+# config keeps the runtime fields
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "cache_dtype", "remat",
                    "attention", "attention_block", "logits_chunk",
                    "max_len")  # fmt: skip
@@ -137,9 +140,10 @@ def _settings(config, *, vocab_size, num_devices) -> Settings:
   )
   out: dict[str, Any] = {}
   init = str(cfg.get("init", "") or "")
+  init_hf = sources.is_hf(init)
   for name, cls in _SECTIONS.items():
     section = dict(cfg.get(name) or {})
-    if name == "model" and init:
+    if name == "model" and init_hf:
       runtime = {k: v for k, v in section.items() if k in _RUNTIME_FIELDS}
       out[name] = _hf().config_from_hf(init, **runtime)
       continue
@@ -236,6 +240,8 @@ def make_context(
   # Validate before anything is written or trained (the tokenizer's
   # vocabulary is checked once it exists).
   pre = settings(config, num_devices=jax.device_count())
+  if pre.init:  # the source exists and can be read (its stage finished)
+    sources.resolve(sources.parse(pre.init))
   os.makedirs(workdir, exist_ok=True)
   task = tasks.get(pre.task.name)
   tok = _tokenizer(pre, task, workdir)
@@ -246,7 +252,7 @@ def make_context(
   tx = train.make_optimizer(s.optim)
   sft_optim = s.sft.optim(s.optim)
   stop = tuple(s.sampler.stop_tokens) or (
-    _hf().eos_token_ids(s.init) if s.init else ()
+    _hf().eos_token_ids(s.init) if sources.is_hf(s.init) else ()
   )
   return common.Context(
     workdir=workdir,
@@ -268,21 +274,39 @@ def make_context(
 
 
 def _tokenizer(s: Settings, task, workdir: str) -> tokenizer_lib.Tokenizer:
-  if s.init and s.tokenizer.kind == "sentencepiece":
+  """The checkpoint's own (HF init), a file, or the workdir's
+  tokenizer.model: trained for the task, or copied from the run that
+  config.init names (its weights index that run's vocabulary)."""
+  src = sources.parse(s.init)
+  if src and src.kind == "hf" and s.tokenizer.kind == "sentencepiece":
     return tokenizer_lib.load(s.init)  # the checkpoint's tokenizer.json
   if s.tokenizer.kind == "file":
     return tokenizer_lib.load(s.tokenizer.path)
-  path = os.path.join(workdir, "tokenizer.model")
+  path = os.path.join(workdir, sources.TOKENIZER_FILE)
+  theirs = sources.tokenizer_file(src) if src else None
   if os.path.exists(path):
+    if theirs and not _same_file(path, theirs):
+      raise config_lib.ConfigError(
+        f"config: init={s.init!r}: its tokenizer {theirs} differs from "
+        f"this workdir's {path}; use a fresh --workdir"
+      )
     return tokenizer_lib.load(path)
-  tok = tokenizer_lib.train_sentencepiece(
-    task.tokenizer_corpus(),
-    s.tokenizer.vocab_size,
-    **getattr(task, "TOKENIZER", {}),
-  )
+  if theirs:
+    tok = tokenizer_lib.load(theirs)
+  else:
+    tok = tokenizer_lib.train_sentencepiece(
+      task.tokenizer_corpus(),
+      s.tokenizer.vocab_size,
+      **getattr(task, "TOKENIZER", {}),
+    )
   if jax.process_index() == 0:
     tok.save(path)
   return tok
+
+
+def _same_file(a: str, b: str) -> bool:
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
