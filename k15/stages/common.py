@@ -171,7 +171,7 @@ def run_stage(
   if restored is None:
     needed = {}
     for need in stage.needs:
-      needed[need], results = _finished_state(ctx, need, states, results)
+      needed[need], results = needed_state(ctx, need, states, results)
     carry, start, skips = stage.start(ctx, needed), 0, 0
   else:
     start, tree, host = restored
@@ -239,7 +239,7 @@ def _restore(ctx: Context, stage: str, ck, extra: dict):
   return out
 
 
-def _finished_state(ctx, need: str, states, results):
+def needed_state(ctx: Context, need: str, states, results):
   """`need`'s final train state: from this process, config.init (when the
   run does not list `need`), or this workdir's checkpoint."""
   if need in states:
