@@ -50,7 +50,7 @@ from k15 import rewards as rewards_lib
 from k15 import rm as rm_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
-from k15.stages import common, control, rl, sft
+from k15.stages import common, control, merge, rl, sft
 
 # Every stage `config.stages` may name; a new stage is one module under
 # k15/stages/ and one line here.
@@ -58,6 +58,7 @@ STAGES: dict[str, common.Stage] = {
   "sft": sft.STAGE,
   "rl": rl.STAGE,
   "control": control.STAGE,
+  "merge": merge.STAGE,
 }
 
 
@@ -89,6 +90,7 @@ class Settings:
   # DIR:stage@step, or a Llama/Qwen2 safetensors dir
   init: str = ""
   reward: rm_lib.RewardConfig = rm_lib.RewardConfig()
+  merge: merge.MergeConfig = merge.MergeConfig()
 
 
 _SECTIONS = {
@@ -105,6 +107,7 @@ _SECTIONS = {
   "ckpt": ckpt_lib.CheckpointConfig,
   "eval": evaluate.EvalConfig,
   "reward": rm_lib.RewardConfig,
+  "merge": merge.MergeConfig,
 }
 # with an HF config.init the architecture comes from the checkpoint; the
 # config keeps the runtime fields
@@ -186,6 +189,11 @@ def _hf():
 
 def _check_across_sections(s: Settings, vocab_size, num_devices) -> None:
   """What no single section can check (each checks its own fields)."""
+  if "merge" in s.stages and len(s.merge.models) != 2:
+    raise ValueError(
+      "config: stage merge needs merge.models, two sources such as "
+      "('LONG_DIR:rl', 'SHORT_DIR:sft')"
+    )
   r = s.rollout
   if r.max_len > s.model.max_len:
     raise ValueError(

@@ -21,9 +21,7 @@ import os
 import re
 from typing import Any
 
-import flax.linen as nn
 import jax
-import numpy as np
 
 from k15 import checkpoint as ckpt_lib
 from k15 import config_lib
@@ -86,11 +84,14 @@ def resolve(src: Source, field: str = "init") -> Source:
   steps = ckpt_lib.committed_steps(src.ckpt_dir)
   where = f"config: {field}={src.spec!r}"
   if not steps:
-    stages = sorted(os.listdir(os.path.join(src.path, "ckpt"))) if (
-      os.path.isdir(os.path.join(src.path, "ckpt"))) else []  # fmt: skip
+    root = os.path.join(src.path, "ckpt")
+    there = sorted(
+      d for d in (os.listdir(root) if os.path.isdir(root) else ())
+      if ckpt_lib.committed_steps(os.path.join(root, d))
+    )  # fmt: skip
     raise config_lib.ConfigError(
-      f"{where}: no checkpoint of stage {src.stage!r} in {src.path} "
-      f"(stages there: {', '.join(stages) or 'none'})"
+      f"{where}: no saved checkpoint of stage {src.stage!r} in {src.path} "
+      f"(stages saved there: {', '.join(there) or 'none'})"
     )
   if src.step is not None:
     if src.step not in steps:
@@ -135,14 +136,7 @@ def param_shapes(src: Source, field: str = "init") -> dict[str, tuple]:
     return ckpt_lib.param_metadata(src.ckpt_dir, src.step)
   from k15 import hf  # noqa: PLC0415 - safetensors only needed for HF
 
-  cfg = hf.config_from_hf(src.path)
-  shapes = jax.eval_shape(
-    lambda: model_lib.init_params(jax.random.key(0), model=cfg)
-  )
-  return {
-    path: (tuple(x.shape), str(np.dtype(x.dtype)))
-    for path, x in ckpt_lib.flatten_paths(nn.unbox(shapes))
-  }
+  return hf.param_shapes(hf.config_from_hf(src.path))
 
 
 def tokenizer_file(src: Source) -> str | None:
