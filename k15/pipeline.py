@@ -50,7 +50,7 @@ from k15 import rewards as rewards_lib
 from k15 import rm as rm_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
-from k15.stages import common, control, merge, rl, sft
+from k15.stages import common, control, merge, rl, rs, sft
 
 # Every stage `config.stages` may name; a new stage is one module under
 # k15/stages/ and one line here.
@@ -59,6 +59,7 @@ STAGES: dict[str, common.Stage] = {
   "rl": rl.STAGE,
   "control": control.STAGE,
   "merge": merge.STAGE,
+  "rs": rs.STAGE,
 }
 
 
@@ -91,6 +92,7 @@ class Settings:
   init: str = ""
   reward: rm_lib.RewardConfig = rm_lib.RewardConfig()
   merge: merge.MergeConfig = merge.MergeConfig()
+  rs: rs.RSConfig = rs.RSConfig()
 
 
 _SECTIONS = {
@@ -108,6 +110,7 @@ _SECTIONS = {
   "eval": evaluate.EvalConfig,
   "reward": rm_lib.RewardConfig,
   "merge": merge.MergeConfig,
+  "rs": rs.RSConfig,
 }
 # with an HF config.init the architecture comes from the checkpoint; the
 # config keeps the runtime fields
@@ -195,6 +198,11 @@ def _check_across_sections(s: Settings, vocab_size, num_devices) -> None:
       "('LONG_DIR:rl', 'SHORT_DIR:sft')"
     )
   r = s.rollout
+  if r.prompt_len + s.eval.max_response > s.model.max_len:
+    raise ValueError(
+      f"config: rollout.prompt_len ({r.prompt_len}) + eval.max_response "
+      f"({s.eval.max_response}) exceeds model.max_len ({s.model.max_len})"
+    )
   if r.max_len > s.model.max_len:
     raise ValueError(
       f"config: rollout.max_len ({r.max_len}) exceeds model.max_len "

@@ -63,30 +63,39 @@ def response_lens(rollout) -> tuple[int, ...]:
 
 
 def dataset(ctx: common.Context, seed_offset: int) -> grain.MapDataset:
-  s, tok = ctx.s, ctx.tok
+  """The warm-up traces' batches (sft.batch_size rows)."""
   examples = [
-    data.encode_sft(tok, p.question, p.trace) for p in ctx.problems["sft"]
+    data.encode_sft(ctx.tok, p.question, p.trace) for p in ctx.problems["sft"]
   ]
+  return examples_dataset(ctx, examples, ctx.s.sft.batch_size, seed_offset)
+
+
+def examples_dataset(
+  ctx: common.Context, examples, batch_size: int, seed_offset: int
+) -> grain.MapDataset:
+  """Batches of (prompt ids, response ids) examples, reshuffled per epoch;
+  the response columns fit the longest (`response_len`)."""
   longest = max(len(e[1]) for e in examples)
   return data.sft_dataset(
     examples,
-    batch_size=s.sft.batch_size,
-    prompt_len=s.rollout.prompt_len,
-    response_len=response_len(longest, s.rollout),
-    pad_id=tok.pad_id,
-    seed=s.seed + seed_offset,
+    batch_size=batch_size,
+    prompt_len=ctx.s.rollout.prompt_len,
+    response_len=response_len(longest, ctx.s.rollout),
+    pad_id=ctx.tok.pad_id,
+    seed=ctx.s.seed + seed_offset,
   )
 
 
-def step(ctx: common.Context, carry: Carry, i: int, *, stage: str):
-  """Supervised step i of `stage` (sft or control)."""
+def step(ctx: common.Context, carry: Carry, i: int, *, stage: str, tx=None):
+  """Supervised step i of `stage` (sft, control, or rs with its own `tx`;
+  default ctx.sft_tx)."""
   t0 = time.time()
   # this process's rows only (multi-host: each host loads its share)
   batch = sharding.shard_batch(
     data.process_slice(carry.ds[i]), ctx.mesh, local=True
   )
   state, m = train.sft_step(
-    carry.state, batch, model=ctx.s.model, tx=ctx.sft_tx
+    carry.state, batch, model=ctx.s.model, tx=tx or ctx.sft_tx
   )
   faults.point(stage, i + 1, "update")
   m = sharding.gather(m)
