@@ -9,7 +9,15 @@ directory under `workdir/ckpt/<stage>`:
   rl       the report's RL iterations (PAPER.md §1-3), from the SFT weights;
   control  continues SFT from the SFT weights for as many gradient steps as
            RL took (the "more imitation" control the RL result is judged
-           against).
+           against);
+  merge    long2short model merging: two models' weights averaged;
+  rs       long2short shortest rejection sampling, from the RL weights;
+  dpo      long2short DPO, from the RL weights.
+
+`config.init` starts a run from elsewhere (`k15.sources`): another run's
+DIR:stage or DIR:stage@step, or an HF directory; the first stage, and any
+stage whose need the run does not list, starts from its weights (long2short
+RL is the rl stage started from a long-CoT run's RL checkpoint).
 
 A rerun with the same workdir resumes: finished stages are skipped (their
 evaluation results are read back from the checkpoint), an unfinished stage
@@ -50,7 +58,7 @@ from k15 import rewards as rewards_lib
 from k15 import rm as rm_lib
 from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
-from k15.stages import common, control, merge, rl, rs, sft
+from k15.stages import common, control, dpo, merge, rl, rs, sft
 
 # Every stage `config.stages` may name; a new stage is one module under
 # k15/stages/ and one line here.
@@ -60,6 +68,7 @@ STAGES: dict[str, common.Stage] = {
   "control": control.STAGE,
   "merge": merge.STAGE,
   "rs": rs.STAGE,
+  "dpo": dpo.STAGE,
 }
 
 
@@ -93,6 +102,7 @@ class Settings:
   reward: rm_lib.RewardConfig = rm_lib.RewardConfig()
   merge: merge.MergeConfig = merge.MergeConfig()
   rs: rs.RSConfig = rs.RSConfig()
+  dpo: dpo.DPOStageConfig = dpo.DPOStageConfig()
 
 
 _SECTIONS = {
@@ -111,6 +121,7 @@ _SECTIONS = {
   "reward": rm_lib.RewardConfig,
   "merge": merge.MergeConfig,
   "rs": rs.RSConfig,
+  "dpo": dpo.DPOStageConfig,
 }
 # with an HF config.init the architecture comes from the checkpoint; the
 # config keeps the runtime fields

@@ -115,7 +115,7 @@ def shortest(group: Group) -> int | None:
   (idx,) = np.nonzero(group.correct)
   if idx.size == 0:
     return None
-  return int(idx[np.argmin(group.lengths[idx], kind="stable")])
+  return int(idx[np.argmin(group.lengths[idx])])
 
 
 def shortest_correct(
