@@ -10,7 +10,7 @@ overrides); the run's tokenizer is copied beside the weights
 (tokenizer.model), and config.json names its pad/bos/eos ids. The result
 is what transformers' `from_pretrained` loads, and what `config.init`
 takes back: import(export(params)) == params exactly
-(tests/test_long2short_init.py).
+(tests/test_sources.py).
 """
 
 from __future__ import annotations
