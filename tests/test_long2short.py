@@ -20,9 +20,18 @@ import jax
 import numpy as np
 import pytest
 
-from k15 import config_lib, objective, pipeline, rejection, sampler, sharding
+from k15 import (
+  config_lib,
+  objective,
+  pipeline,
+  rejection,
+  sampler,
+  sharding,
+  sources,
+  tasks,
+  train,
+)
 from k15 import rewards as rewards_lib
-from k15 import sources, tasks, train
 from k15.rollout import buffer as buffer_lib
 from k15.stages import merge, rl
 from k15.tasks import arithmetic
@@ -182,8 +191,11 @@ def test_l2s_rl_cut_response_scores_as_over_length():
                          (4, budget, sampler.BUDGET)):  # fmt: skip
     members.append(
       buffer_lib.Trajectory(
-        np.full(n, tid, np.int32), np.zeros(n, np.float32),
-        np.zeros(n, np.int32), budget, status,
+        np.full(n, tid, np.int32),
+        np.zeros(n, np.float32),
+        np.zeros(n, np.int32),
+        budget,
+        status,
       )  # fmt: skip
     )
   group = buffer_lib.Group(0, 0, [1], 0, members)
@@ -237,9 +249,11 @@ def test_frontier_table_has_every_arm(frontier):
   with open(os.path.join(d, "frontier.csv")) as f:
     rows = list(csv.DictReader(f))
   arms = [arm for arm, _ in long2short.arm_configs(L2S, "runlocal", d, 0)]
-  assert [r["arm"] for r in rows] == arms == [
-    "short", "long", "merge", "merge_rs", "shortest", "dpo", "l2s_rl"
-  ]
+  assert (
+    [r["arm"] for r in rows]
+    == arms
+    == ["short", "long", "merge", "merge_rs", "shortest", "dpo", "l2s_rl"]
+  )
   for r in rows:
     p, n = float(r["pass1"]), float(r["mean_length"])
     assert 0 <= p <= 1 and n > 0
@@ -266,7 +280,7 @@ def test_merge_arm_is_the_average(frontier):
   )  # fmt: skip
   assert not all(
     np.array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(long), jax.tree.leaves(short))
+    for a, b in zip(jax.tree.leaves(long), jax.tree.leaves(short), strict=True)
   )
 
 
