@@ -32,6 +32,7 @@ from k15 import (
   train,
 )
 from k15 import rewards as rewards_lib
+from k15 import tokenizer as tokenizer_lib
 from k15.rollout import buffer as buffer_lib
 from k15.stages import merge, rl
 from k15.tasks import arithmetic
@@ -233,9 +234,14 @@ def _metrics(workdir, stage):
   return [r for r in rows if r["stage"] == stage]
 
 
-def _params(spec, arm="merge"):
-  s = pipeline.settings(_arm(arm), vocab_size=40, num_devices=8)
-  mesh = sharding.make_mesh(s.mesh, jax.device_count())
+def _params(spec):
+  """The params of a run's checkpoint, DIR:stage (the runlocal model with
+  the run's own vocabulary)."""
+  tok = tokenizer_lib.load(
+    os.path.join(spec.rpartition(":")[0], "tokenizer.model")
+  )
+  s = pipeline.settings(_arm("merge"), vocab_size=tok.vocab_size, num_devices=8)
+  mesh = sharding.make_mesh(s.mesh)
   tx = train.make_optimizer(s.optim)
   abstract = train.sharded_abstract_state(s.model, tx, mesh).params
   params = sources.load_params(
