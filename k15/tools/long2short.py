@@ -202,18 +202,18 @@ def plot(out: dict[str, Any], path: str) -> bool:
   except ImportError:
     return False
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  for arm, p in out["points"].items():
+  for i, (arm, p) in enumerate(out["points"].items()):
     ax.errorbar(
       p["mean_length"], p["pass1"], xerr=p["mean_length_std"],
-      yerr=p["pass1_std"], fmt="o", capsize=3, label=arm,
+      yerr=p["pass1_std"], fmt="osD^vPX*"[i % 8], capsize=3, label=arm,
+      alpha=0.8,
     )  # fmt: skip
-    ax.annotate(arm, (p["mean_length"], p["pass1"]), fontsize=8,
-                xytext=(4, 4), textcoords="offset points")  # fmt: skip
   n = len(out["seeds"])
   ax.set_xlabel("mean response tokens (held out)")
   ax.set_ylabel("pass@1 (held out)")
   ax.set_title(f"long2short token efficiency ({n} seed{'s' * (n > 1)})")
   ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
