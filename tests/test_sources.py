@@ -94,7 +94,7 @@ def test_resolve_names_what_is_missing(run):
   assert sources.resolve(sources.parse(f"{d}:rl@2")).step == 2
   with pytest.raises(config_lib.ConfigError, match=r"kept steps: 2, 4"):
     sources.resolve(sources.parse(f"{d}:rl@3"))
-  with pytest.raises(config_lib.ConfigError, match=r"stages there: rl"):
+  with pytest.raises(config_lib.ConfigError, match=r"stages saved there: rl"):
     sources.resolve(sources.parse(f"{d}:dpo"))
   with pytest.raises(config_lib.ConfigError, match="no config.json"):
     sources.resolve(sources.parse(d))
