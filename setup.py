@@ -33,6 +33,8 @@ setuptools.setup(
         # real checkpoints (k15/hf.py): safetensors + tokenizer.json; the
         # parity tests also need torch and transformers
         "hf": ["safetensors", "tokenizers"],
+        # the long2short frontier's scatter (python -m k15.tools.long2short)
+        "figures": ["matplotlib"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

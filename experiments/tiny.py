@@ -35,6 +35,9 @@ def get_config(arg=None):
   c.name = "tiny"
   c.seed = arg.seed
   c.stages = ("sft", "control") if arg.control else ("sft", "rl", "control")
+  # the weights to start from: "" (a fresh init), another run's DIR:stage
+  # or DIR:stage@step, or an HF safetensors dir (k15/sources.py)
+  c.init = ""
 
   # 2-6 steps of +d / -d mod 10 with d in 1..3 (a 60-entry fact table).
   # The warm-up traces have only 2-3 steps: imitation learns the table and

@@ -15,12 +15,18 @@ is unreadable (corrupt or partial files) is reported and the previous step is
 used; the unreadable one is moved to `<directory>.unreadable/` so that the
 resumed run can write that step again. Nothing here deletes a checkpoint
 except orbax's keep policy after a successful save.
+
+Another run's checkpoints (a stage's initial weights, `k15.sources`) are
+read without a manager: `committed_steps`, `read_host` and `restore_params`
+never create, clean up or move anything in that run's directory, which may
+still be running.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import logging
 import os
 from typing import Any
@@ -28,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from k15 import faults
@@ -210,15 +217,19 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _check_compatible(saved, target, directory: str, step: int) -> None:
+_FIX = (
+  "; it was written with a different config (use another --workdir "
+  "or the original config). Nothing was changed."
+)
+
+
+def _check_compatible(
+  saved, target, directory: str, step: int, fix: str = _FIX
+) -> None:
   """Raises naming the first array whose saved shape/dtype differs."""
   flat_saved = dict(_flatten(saved))
   flat_target = dict(_flatten(target))
   where = f"checkpoint step {step} in {directory} does not match the config"
-  fix = (
-    "; it was written with a different config (use another --workdir "
-    "or the original config). Nothing was changed."
-  )
   for path, want in flat_target.items():
     got = flat_saved.get(path)
     if got is None:
@@ -258,3 +269,104 @@ def _key(k) -> str:
     if hasattr(k, attr):
       return str(getattr(k, attr))
   return str(k)
+
+
+# ---------------------------------------------------------------------------
+# Read-only access to another run's checkpoints
+# ---------------------------------------------------------------------------
+
+
+def committed_steps(directory: str) -> list[int]:
+  """Steps under `directory` whose save completed (no orbax temp dirs),
+  ascending; [] when the directory does not exist. Creates nothing."""
+  if not os.path.isdir(directory):
+    return []
+  out = []
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+      out.append(int(name))
+  return sorted(out)
+
+
+def read_host(directory: str, step: int) -> dict:
+  """The host (JSON) item of `step`: stage, step, done, results, ..."""
+  path = os.path.join(directory, str(step), "host", "metadata")
+  try:
+    with open(path) as f:
+      host = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(
+      f"checkpoint: cannot read {path} ({e!r:.200})"
+    ) from None
+  if not isinstance(host, dict):
+    raise CheckpointError(f"checkpoint: {path} does not hold a JSON object")
+  return host
+
+
+def _params_metadata(directory: str, step: int) -> Any:
+  path = os.path.join(directory, str(step), "state")
+  try:
+    handler = ocp.PyTreeCheckpointHandler()
+    meta = handler.metadata(epath.Path(path)).tree
+  except Exception as e:  # noqa: BLE001 - name the file
+    raise CheckpointError(
+      f"checkpoint: step {step} in {directory} is unreadable ({e!r:.300})"
+    ) from None
+  params = (
+    meta.get("train", {}).get("params") if isinstance(meta, dict) else None
+  )
+  if not params:
+    raise CheckpointError(
+      f"checkpoint: step {step} in {directory} holds no train state params"
+    )
+  return params
+
+
+def param_metadata(directory: str, step: int) -> dict[str, tuple]:
+  """{parameter path: (shape, dtype name)} of `step`'s params, from the
+  checkpoint's metadata (no array is read)."""
+  return {
+    path: (tuple(m.shape), str(np.dtype(m.dtype)))
+    for path, m in flatten_paths(_params_metadata(directory, step))
+  }
+
+
+def flatten_paths(tree) -> list[tuple[str, Any]]:
+  """[("a/b/c", leaf), ...]: every array-like leaf with its path."""
+  return _flatten(tree)
+
+
+def restore_params(directory: str, step: int, abstract_params: Any) -> Any:
+  """The train state's params of `step` in `directory`, placed into the
+  shardings of `abstract_params` (sharded ShapeDtypeStructs); the
+  optimizer state and everything else in the checkpoint is not read.
+
+  Raises CheckpointError naming the first parameter whose shape or dtype
+  differs from `abstract_params`, or that only one side has.
+  """
+  path = os.path.join(directory, str(step), "state")
+  target = {"train": {"params": jax.tree.map(_abstract, abstract_params)}}
+  saved = {"train": {"params": _params_metadata(directory, step)}}
+  _check_compatible(
+    saved,
+    target,
+    directory,
+    step,
+    fix="; a run starting from it needs the same architecture in its "
+    "model section.",
+  )
+  ckptr = ocp.PyTreeCheckpointer()
+  restore_args = jax.tree.map(
+    lambda x: ocp.ArrayRestoreArgs(
+      sharding=x.sharding, global_shape=x.shape, dtype=x.dtype
+    ),
+    target,
+  )
+  out = ckptr.restore(
+    path,
+    args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True
+    ),
+  )
+  return out["train"]["params"]

@@ -1,4 +1,5 @@
-"""grain pipelines: supervised (warm-up / control / rejection-sampling) batches.
+"""grain pipelines: supervised (warm-up / control / rejection-sampling)
+batches, and DPO's preference-pair batches.
 
 A dataset is a `grain.MapDataset`, indexed by step: `ds[step]` is the batch
 of that step, reshuffled each epoch. Its position in a run is therefore just
@@ -47,6 +48,37 @@ def sft_dataset(examples: list[tuple[list[int], list[int]]], *,
                             response_len=response_len, pad_id=pad_id)
 
   ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
+  return ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
+
+
+def pair_dataset(pairs: list[tuple[list[int], list[int], list[int], float,
+                                    float]], *,
+                 batch_size: int, prompt_len: int, response_len: int,
+                 pad_id: int, seed: int) -> grain.MapDataset:
+  """Batches of `batch_size` preference pairs (prompt, chosen, rejected,
+  the reference's sequence log-prob of each) as 2 * batch_size rows, each
+  pair's chosen row right before its rejected one (so a contiguous share
+  of the rows, `process_slice`, holds whole pairs; `objective.dpo_loss`),
+  with `ref_logp_B`. Infinite, reshuffled per epoch, like `sft_dataset`."""
+  if not pairs:
+    raise ValueError("dpo: no preference pairs")
+  for i, (p, w, l, _, _) in enumerate(pairs):
+    if len(p) > prompt_len or max(len(w), len(l)) > response_len:
+      raise ValueError(
+          f"dpo pair {i}: prompt {len(p)} / responses {len(w)}, {len(l)} "
+          f"tokens exceed prompt_len={prompt_len} / "
+          f"response_len={response_len}")
+
+  def collate(rows):
+    prompts = [r[0] for r in rows for _ in (1, 2)]
+    responses = [np.asarray(r[k], np.int32) for r in rows for k in (1, 2)]
+    batch = rollout.to_batch(prompts, responses, prompt_len=prompt_len,
+                             response_len=response_len, pad_id=pad_id)
+    batch["ref_logp_B"] = np.array([r[k] for r in rows for k in (3, 4)],
+                                   np.float32)
+    return batch
+
+  ds = grain.MapDataset.source(pairs).shuffle(seed=seed).repeat()
   return ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
 
 

@@ -28,10 +28,27 @@ class EvalConfig:
   temperature: float = 1.0
   greedy: bool = True
   max_problems: int = 0  # 0 = all
+  # > 0: response tokens an evaluation sample may take, whatever the RL
+  # rollout's limit (long2short RL trains under a much smaller one, and is
+  # judged like the models it is compared with); 0: the rollout's
+  max_response: int = 0
 
   def __post_init__(self):
     if self.num_samples < 1:
       raise ValueError(f"eval.num_samples={self.num_samples} must be >= 1")
+    if self.max_response < 0:
+      raise ValueError(
+          f"eval.max_response={self.max_response} must be >= 0")
+
+  def gen(self, rollout_gen: rollout.GenConfig) -> rollout.GenConfig:
+    """The sampler shapes of evaluation: the rollout's, or one segment of
+    max_response tokens after the prompt bucket."""
+    if not self.max_response:
+      return rollout_gen
+    bucket = max(rollout_gen.prompt_buckets)
+    return rollout.GenConfig(
+        rows=rollout_gen.rows, prompt_buckets=(bucket,),
+        budget=self.max_response, cache_len=bucket + self.max_response)
 
 
 def submit_scores(tok: tokenizer_lib.Tokenizer,
@@ -74,6 +91,7 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
   the greedy responses are generated."""
   if cfg.max_problems:
     problems = problems[:cfg.max_problems]
+  gen = cfg.gen(gen)
   prompts = [tok.encode(tokenizer_lib.format_prompt(p.question))
              for p in problems]
   rows = [p.to_item() for p in problems]

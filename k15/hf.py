@@ -293,6 +293,19 @@ def _top_entries(model: model_lib.ModelConfig) -> list[_Entry]:
   return [_EMBED, _NORM] + ([] if model.tie_embeddings else [_HEAD])
 
 
+def param_shapes(model: model_lib.ModelConfig) -> dict[str, tuple]:
+  """{our parameter path: (shape, dtype name)} of `model`, as
+  `import_params` lays them out ("params/layers/q": (L, D, H, Dh), ...);
+  nothing is traced or read."""
+  dtype = str(np.dtype(model.param_dtype))
+  out = {f"params/{e.path}": (e.shape(model), dtype)
+         for e in _top_entries(model)}  # fmt: skip
+  for e in _layer_entries(model):
+    out[f"params/layers/{e.path}"] = ((model.num_layers, *e.shape(model)),
+                                      dtype)  # fmt: skip
+  return out
+
+
 class _Tensors:
   """Name -> tensor over one or more safetensors files, one at a time."""
 

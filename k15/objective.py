@@ -13,11 +13,17 @@ with a group-mean baseline, ReST (a supervised step on the best correct sample
 of each prompt, no negative gradients) and GRPO (PPO-clipped token ratios with
 group-normalised advantages, optional k3 KL).
 
+Long2short's DPO (PAPER.md §6) has its own config (`DPOConfig`), pair rule
+(`dpo_pairs`) and loss (`dpo_loss`): preferences between a model's own
+samples, against the frozen starting model.
+
 Two halves:
 - host side (numpy): `advantages`, the length reward of PAPER.md §2 and its
-  schedule, `shaped_rewards`. Inputs are P x K (prompts x samples per prompt).
-- device side (jnp, jittable with `cfg` static): `loss`. Inputs are B x T
-  (rows x token positions); B is any flattening of P x K, possibly padded.
+  schedule, `shaped_rewards`, `dpo_pairs`. Inputs are P x K (prompts x
+  samples per prompt).
+- device side (jnp, jittable with `cfg` static): `loss`, `dpo_loss`. Inputs
+  are B x T (rows x token positions); B is any flattening of P x K,
+  possibly padded.
 """
 
 import dataclasses
@@ -84,6 +90,27 @@ class LengthPenaltyConfig:
         f"length_penalty.schedule={self.schedule!r}; expected one of "
         f"{SCHEDULES}"
       )
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """DPO's loss and pair rule (static: jitted code takes it by keyword; the
+  `dpo` section, `stages.dpo.DPOStageConfig`, adds the stage's fields).
+
+  beta: the DPO temperature; the implicit reward of a response is beta *
+    (its sequence log-prob - the reference's).
+  ratio: a correct response at least `ratio` times as long as the positive
+    is a negative (the report: "1.5 times longer").
+  """
+
+  beta: float = 0.1
+  ratio: float = 1.5
+
+  def __post_init__(self):
+    if not self.beta > 0:
+      raise ValueError(f"dpo.beta={self.beta!r}; must be > 0")
+    if not self.ratio >= 1:
+      raise ValueError(f"dpo.ratio={self.ratio!r}; must be >= 1")
 
 
 # ----------------------------------------------------------------------------
@@ -226,6 +253,35 @@ def shaped_rewards(
   return r_PxK + np.float32(w) * length_reward(lengths_PxK, correct_PxK)
 
 
+def dpo_pairs(
+  correct_K: np.ndarray, lengths_K: np.ndarray, *, ratio: float
+) -> list[tuple[int, int]]:
+  """Long2short DPO's (positive, negative) pairs among one prompt's K
+  samples (PAPER.md §6), as sample indices.
+
+  The positive is the shortest correct sample (the first drawn among
+  equally short ones). The negatives are the longer samples: every wrong
+  one strictly longer than the positive, and every correct one at least
+  `ratio` times its length. A wrong sample no longer than the positive, and
+  a correct one under `ratio` times its length (other shortest ones
+  included), pair with nothing; a prompt with no correct sample gives [].
+  """
+  correct_K = np.asarray(correct_K).astype(bool)
+  len_K = np.asarray(lengths_K, np.float64)
+  if correct_K.shape != len_K.shape or correct_K.ndim != 1:
+    raise ValueError(
+      f"correct {correct_K.shape} and lengths {len_K.shape} must be [K]"
+    )
+  (idx,) = np.nonzero(correct_K)
+  if idx.size == 0:
+    return []
+  pos = int(idx[np.argmin(len_K[idx])])
+  neg = np.nonzero(
+    np.where(correct_K, len_K >= ratio * len_K[pos], len_K > len_K[pos])
+  )[0]
+  return [(pos, int(j)) for j in neg if j != pos]
+
+
 # ----------------------------------------------------------------------------
 # Device side: the losses (jnp, B x T).
 # ----------------------------------------------------------------------------
@@ -339,3 +395,47 @@ def loss(
     token_frac=tok_w_BxT.sum() / jnp.maximum(n_real * T, 1.0),
   )
   return value, metrics
+
+
+def dpo_loss(
+  logp_BxT: jax.Array, batch: dict, *, cfg: DPOConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The DPO loss of P pairs laid out as B = 2P rows: row 2p holds pair
+  p's positive (chosen), row 2p + 1 its negative (rejected).
+
+  logp_BxT: the policy's log-probs of the rows' tokens.
+  batch:
+    loss_mask_BxT: the response tokens.
+    ref_logp_B: the frozen reference's sequence log-prob of each row.
+    sample_weight_B (optional): 0 on padding pairs (both rows), default 1.
+
+  With s = the masked sum of logp (the sequence log-prob) and
+  m_p = beta * [(s_w - ref_w) - (s_l - ref_l)], the loss is the mean over
+  real pairs of -log sigmoid(m_p) = softplus(-m_p); its gradient in s_w is
+  -beta sigmoid(-m_p) / P (and the opposite in s_l).
+  Metrics: loss, margin (mean m_p / beta), pair_accuracy (share with
+  m_p > 0), chosen_reward / rejected_reward (mean beta (s - ref)).
+  """
+  B = logp_BxT.shape[0]
+  if B % 2:
+    raise ValueError(f"dpo_loss: {B} rows is not a whole number of pairs")
+  w_B = batch.get("sample_weight_B")
+  w_B = jnp.ones((B,), jnp.float32) if w_B is None else w_B
+  w_P = w_B[0::2].astype(jnp.float32)
+  mask_BxT = batch["loss_mask_BxT"].astype(bool) & (w_B > 0)[:, None]
+  ref_B = jax.lax.stop_gradient(batch["ref_logp_B"].astype(jnp.float32))
+  r_B = cfg.beta * (_masked_sum(logp_BxT, mask_BxT) - ref_B)
+  r_B = jnp.where(w_B > 0, r_B, 0.0)  # padding rows may hold junk
+  chosen_P, rejected_P = r_B[0::2], r_B[1::2]
+  margin_P = chosen_P - rejected_P
+  n = jnp.maximum(w_P.sum(), 1.0)
+  wmean = lambda x_P: (w_P * x_P).sum() / n
+  value = wmean(jax.nn.softplus(-margin_P))
+  sg = jax.lax.stop_gradient
+  return value, dict(
+    loss=value,
+    margin=wmean(sg(margin_P)) / cfg.beta,
+    pair_accuracy=wmean((sg(margin_P) > 0).astype(jnp.float32)),
+    chosen_reward=wmean(sg(chosen_P)),
+    rejected_reward=wmean(sg(rejected_P)),
+  )

@@ -9,7 +9,15 @@ directory under `workdir/ckpt/<stage>`:
   rl       the report's RL iterations (PAPER.md §1-3), from the SFT weights;
   control  continues SFT from the SFT weights for as many gradient steps as
            RL took (the "more imitation" control the RL result is judged
-           against).
+           against);
+  merge    long2short model merging: two models' weights averaged;
+  rs       long2short shortest rejection sampling, from the RL weights;
+  dpo      long2short DPO, from the RL weights.
+
+`config.init` starts a run from elsewhere (`k15.sources`): another run's
+DIR:stage or DIR:stage@step, or an HF directory; the first stage, and any
+stage whose need the run does not list, starts from its weights (long2short
+RL is the rl stage started from a long-CoT run's RL checkpoint).
 
 A rerun with the same workdir resumes: finished stages are skipped (their
 evaluation results are read back from the checkpoint), an unfinished stage
@@ -40,6 +48,7 @@ from k15 import (
   objective,
   rollout,
   sharding,
+  sources,
   tasks,
   train,
 )
@@ -51,7 +60,7 @@ from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
 from k15.rewards import code as rewards_code
 from k15.rewards import sandbox
-from k15.stages import common, control, rl, sft
+from k15.stages import common, control, dpo, merge, rl, rs, sft
 from k15.tasks import jsonl
 
 # Every stage `config.stages` may name; a new stage is one module under
@@ -60,6 +69,9 @@ STAGES: dict[str, common.Stage] = {
   "sft": sft.STAGE,
   "rl": rl.STAGE,
   "control": control.STAGE,
+  "merge": merge.STAGE,
+  "rs": rs.STAGE,
+  "dpo": dpo.STAGE,
 }
 
 
@@ -87,8 +99,13 @@ class Settings:
   ckpt: ckpt_lib.CheckpointConfig
   eval: evaluate.EvalConfig
   mesh: dict[str, int]
-  init: str = ""  # a Llama/Qwen2 safetensors dir to start from
+  # the weights to start from (k15.sources): another run's DIR:stage or
+  # DIR:stage@step, or a Llama/Qwen2 safetensors dir
+  init: str = ""
   reward: rm_lib.RewardConfig = rm_lib.RewardConfig()
+  merge: merge.MergeConfig = merge.MergeConfig()
+  rs: rs.RSConfig = rs.RSConfig()
+  dpo: dpo.DPOStageConfig = dpo.DPOStageConfig()
 
 
 _SECTIONS = {
@@ -105,9 +122,12 @@ _SECTIONS = {
   "ckpt": ckpt_lib.CheckpointConfig,
   "eval": evaluate.EvalConfig,
   "reward": rm_lib.RewardConfig,
+  "merge": merge.MergeConfig,
+  "rs": rs.RSConfig,
+  "dpo": dpo.DPOStageConfig,
 }
-# with config.init the architecture comes from the checkpoint; the config
-# keeps the runtime fields
+# with an HF config.init the architecture comes from the checkpoint; the
+# config keeps the runtime fields
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "cache_dtype", "remat",
                    "attention", "attention_block", "logits_chunk",
                    "max_len")  # fmt: skip
@@ -140,9 +160,10 @@ def _settings(config, *, vocab_size, num_devices) -> Settings:
   )
   out: dict[str, Any] = {}
   init = str(cfg.get("init", "") or "")
+  init_hf = sources.is_hf(init)
   for name, cls in _SECTIONS.items():
     section = dict(cfg.get(name) or {})
-    if name == "model" and init:
+    if name == "model" and init_hf:
       runtime = {k: v for k, v in section.items() if k in _RUNTIME_FIELDS}
       out[name] = _hf().config_from_hf(init, **runtime)
       continue
@@ -185,7 +206,17 @@ def _hf():
 
 def _check_across_sections(s: Settings, vocab_size, num_devices) -> None:
   """What no single section can check (each checks its own fields)."""
+  if "merge" in s.stages and len(s.merge.models) != 2:
+    raise ValueError(
+      "config: stage merge needs merge.models, two sources such as "
+      "('LONG_DIR:rl', 'SHORT_DIR:sft')"
+    )
   r = s.rollout
+  if r.prompt_len + s.eval.max_response > s.model.max_len:
+    raise ValueError(
+      f"config: rollout.prompt_len ({r.prompt_len}) + eval.max_response "
+      f"({s.eval.max_response}) exceeds model.max_len ({s.model.max_len})"
+    )
   if r.max_len > s.model.max_len:
     raise ValueError(
       f"config: rollout.max_len ({r.max_len}) exceeds model.max_len "
@@ -241,6 +272,8 @@ def make_context(
   # Validate before anything is written or trained (the tokenizer's
   # vocabulary is checked once it exists).
   pre = settings(config, num_devices=jax.device_count())
+  if pre.init:  # the source exists and can be read (its stage finished)
+    sources.resolve(sources.parse(pre.init))
   os.makedirs(workdir, exist_ok=True)
   problems = _problems(pre, workdir)
   check_sandbox(problems, pre)
@@ -253,7 +286,7 @@ def make_context(
   tx = train.make_optimizer(s.optim)
   sft_optim = s.sft.optim(s.optim)
   stop = tuple(s.sampler.stop_tokens) or (
-    _hf().eos_token_ids(s.init) if s.init else ()
+    _hf().eos_token_ids(s.init) if sources.is_hf(s.init) else ()
   )
   return common.Context(
     workdir=workdir,
@@ -331,21 +364,39 @@ def check_lengths(problems: dict[str, list], tok, s: Settings) -> None:
 
 
 def _tokenizer(s: Settings, problems, workdir: str) -> tokenizer_lib.Tokenizer:
-  if s.init and s.tokenizer.kind == "sentencepiece":
+  """The checkpoint's own (HF init), a file, or the workdir's
+  tokenizer.model: trained for the task, or copied from the run that
+  config.init names (its weights index that run's vocabulary)."""
+  src = sources.parse(s.init)
+  if src and src.kind == "hf" and s.tokenizer.kind == "sentencepiece":
     return tokenizer_lib.load(s.init)  # the checkpoint's tokenizer.json
   if s.tokenizer.kind == "file":
     return tokenizer_lib.load(s.tokenizer.path)
-  path = os.path.join(workdir, "tokenizer.model")
+  path = os.path.join(workdir, sources.TOKENIZER_FILE)
+  theirs = sources.tokenizer_file(src) if src else None
   if os.path.exists(path):
+    if theirs and not _same_file(path, theirs):
+      raise config_lib.ConfigError(
+        f"config: init={s.init!r}: its tokenizer {theirs} differs from "
+        f"this workdir's {path}; use a fresh --workdir"
+      )
     return tokenizer_lib.load(path)
-  tok = tokenizer_lib.train_sentencepiece(
-    s.task.tokenizer_corpus(problems),
-    s.tokenizer.vocab_size,
-    **s.task.tokenizer_options(),
-  )
+  if theirs:
+    tok = tokenizer_lib.load(theirs)
+  else:
+    tok = tokenizer_lib.train_sentencepiece(
+      s.task.tokenizer_corpus(problems),
+      s.tokenizer.vocab_size,
+      **s.task.tokenizer_options(),
+    )
   if jax.process_index() == 0:
     tok.save(path)
   return tok
+
+
+def _same_file(a: str, b: str) -> bool:
+  with open(a, "rb") as fa, open(b, "rb") as fb:
+    return fa.read() == fb.read()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -16,19 +16,32 @@ row's `trace`, so a run can train on them (`task.sft_files`).
 The sampler is a `SampleFn` (formatted prompt texts -> one `Sample` each),
 so callers can bring their own; `model_sample_fn` makes one from a
 checkpoint's params with the jitted sampler.
+
+Long2short works on token ids rather than text: `sample` draws n scored
+responses per problem as `Group`s, `shortest_correct` is shortest
+rejection sampling's SFT set, DPO builds its preference pairs from the same
+groups (`objective.dpo_pairs`), and `write` / `read` keep a stage's sampled
+set as JSONL so a resumed stage trains on what was sampled.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
 from k15 import rewards
 from k15 import tokenizer as tokenizer_lib
+
+if TYPE_CHECKING:
+  import jax
+
+  from k15 import rollout, sampler
 
 KEEP = ("all", "shortest")
 
@@ -180,3 +193,147 @@ def rejection_sample(
     mean_length_kept=float(np.mean(kept_len)) if kept_len else 0.0,
   )
   return RSResult(kept, report)
+
+
+# -- groups of token ids (long2short: shortest rejection sampling, DPO) -------
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """One prompt's n samples, in the order they were drawn."""
+
+  question: str
+  prompt: list[int]  # the formatted prompt's ids
+  responses: list[list[int]]  # ids, with the stop token when it stopped
+  correct: np.ndarray  # [n] bool: the reward entry point's verdict
+  finished: np.ndarray  # [n] bool: stopped by itself (not cut)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """[n] response lengths in tokens (stop token included)."""
+    return np.array([len(r) for r in self.responses], np.int64)
+
+  def to_json(self) -> dict[str, Any]:
+    return dict(question=self.question, prompt=self.prompt,
+                responses=self.responses, correct=self.correct.tolist(),
+                finished=self.finished.tolist())  # fmt: skip
+
+  @classmethod
+  def from_json(cls, row: dict[str, Any]) -> Group:
+    return cls(row["question"], list(row["prompt"]),
+               [list(r) for r in row["responses"]],
+               np.array(row["correct"], bool),
+               np.array(row["finished"], bool))  # fmt: skip
+
+
+def sample(
+  params,
+  problems: Sequence[Any],
+  rng: jax.Array,
+  *,
+  n: int,
+  tok: tokenizer_lib.Tokenizer,
+  model,
+  sampling: sampler.SamplingConfig,
+  gen: rollout.GenConfig,
+  pool: rewards.RewardPool,
+  shard_fn=None,
+) -> list[Group]:
+  """n responses per problem (deterministic in `rng`), each scored through
+  `pool` by the problem's kind; a response that did not stop by itself
+  (cut by the length limit or stopped for repeating) is never correct."""
+  from k15 import rollout, sampler  # noqa: PLC0415 (see model_sample_fn)
+
+  prompts = [
+    tok.encode(tokenizer_lib.format_prompt(p.question)) for p in problems
+  ]
+  gens = rollout.generate(
+    params,
+    [q for q in prompts for _ in range(n)],
+    rng,
+    model=model,
+    sampling=sampling,
+    gen=gen,
+    pad_id=tok.pad_id,
+    shard_fn=shard_fn,
+  )
+  finished = np.array([g.status == sampler.STOPPED for g in gens])
+  scored = rewards.score(
+    [p.to_item() for p in problems for _ in range(n)],
+    [tok.decode(g.response) for g in gens],
+    finished.tolist(),
+    pool=pool,
+  )
+  correct = scored.correct.reshape(len(problems), n)
+  finished = finished.reshape(len(problems), n)
+  return [
+    Group(
+      p.question,
+      list(map(int, q)),
+      [list(map(int, g.response)) for g in gens[i * n : (i + 1) * n]],
+      correct[i] & finished[i],
+      finished[i],
+    )
+    for i, (p, q) in enumerate(zip(problems, prompts, strict=True))
+  ]
+
+
+def shortest(group: Group) -> int | None:
+  """Index of the group's shortest correct response (the first drawn among
+  equally short ones), or None when none is correct."""
+  (idx,) = np.nonzero(group.correct)
+  if idx.size == 0:
+    return None
+  return int(idx[np.argmin(group.lengths[idx])])
+
+
+def shortest_correct(
+  groups: Sequence[Group],
+) -> list[tuple[list[int], list[int]]]:
+  """The SFT set of shortest rejection sampling: per prompt with at least
+  one correct response, (prompt ids, its shortest correct response's ids);
+  prompts with none contribute nothing."""
+  out = []
+  for g in groups:
+    j = shortest(g)
+    if j is not None:
+      out.append((g.prompt, g.responses[j]))
+  return out
+
+
+def stats(groups: Sequence[Group]) -> dict[str, float]:
+  """What a sampled set looks like: accuracy, lengths, how many prompts
+  have a correct response, and the mean length of the shortest correct."""
+  lengths = np.concatenate([g.lengths for g in groups])
+  picked = [g.lengths[j] for g in groups if (j := shortest(g)) is not None]
+  return dict(
+    prompts=float(len(groups)),
+    accuracy=float(np.mean(np.concatenate([g.correct for g in groups]))),
+    finished=float(np.mean(np.concatenate([g.finished for g in groups]))),
+    mean_length=float(lengths.mean()),
+    prompts_with_correct=float(len(picked)),
+    shortest_correct_length=float(np.mean(picked)) if picked else 0.0,
+  )
+
+
+def write(path: str, groups: Sequence[Group]) -> None:
+  """The groups as JSONL (atomically; process 0 only)."""
+  import jax  # noqa: PLC0415
+
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    for g in groups:
+      f.write(json.dumps(g.to_json()) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def read(path: str) -> list[Group]:
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"{path}: the sampled set of this stage is missing; move the stage's "
+      "checkpoints aside to sample it again"
+    )
+  with open(path) as f:
+    return [Group.from_json(json.loads(line)) for line in f if line.strip()]

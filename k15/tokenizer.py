@@ -141,9 +141,14 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
 
 
 def load(path: str) -> Tokenizer:
-  """A `.model` sentencepiece file or a HF `tokenizer.json` (or its dir)."""
+  """A `.model` sentencepiece file or a HF `tokenizer.json`, or a directory
+  holding one (tokenizer.json first; an exported k15 run has
+  tokenizer.model)."""
   if os.path.isdir(path):
+    spm_file = os.path.join(path, "tokenizer.model")
     path = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(path) and os.path.exists(spm_file):
+      path = spm_file
   if not os.path.exists(path):
     raise FileNotFoundError(f"tokenizer: no file at {path}")
   if path.endswith(".json"):

@@ -156,6 +156,24 @@ def sft_step(state: TrainState, batch: dict, *, model, tx
   return state, {**metrics, **m}
 
 
+@functools.partial(jax.jit, static_argnames=("model", "tx", "cfg"),
+                   donate_argnames=("state",))
+def dpo_step(state: TrainState, batch: dict, *, model, tx,
+             cfg: objective.DPOConfig
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One DPO step on P pairs laid out as 2P rows (`objective.dpo_loss`)."""
+
+  def loss_fn(params):
+    logp_BxT = model_lib.sequence_logprobs(
+        params, batch["tokens_BxT"], batch["seg_BxT"], model=model)
+    return objective.dpo_loss(logp_BxT, batch, cfg=cfg)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state, m = apply_if_finite(state, grads, loss, tx=tx)
+  return state, {**metrics, **m}
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def score(params, tokens_BxT, seg_BxT, *, model) -> jax.Array:
   """Per-token log-probs at temperature 1 (the iteration's reference)."""

@@ -26,9 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from k15 import checkpoint as ckpt_lib
-from k15 import config_lib, evaluate, faults, sharding, train
+from k15 import config_lib, evaluate, faults, sharding, sources, train
 from k15 import metrics as metrics_lib
 from k15 import rewards as rewards_lib
 from k15 import sampler as sampler_lib
@@ -116,7 +117,10 @@ class Stage:
   """A stage as `run_stage` runs it; `C` below is the stage's own carry.
 
   needs: stages whose final train state `start` receives (loaded from
-    their checkpoints when they ran in an earlier process).
+    their checkpoints when they ran in an earlier process). A need that
+    config.stages does not list comes from config.init when that is set
+    (another run's DIR:stage[@step], or an HF directory): the source's
+    params with a fresh optimizer state at step 0.
   num_steps(settings), save_every(settings): the loop's length and how
     often it checkpoints (steps are 1-based in metrics and checkpoints).
   start(ctx, states) -> C: the carry at step 0; `states` maps each need
@@ -167,7 +171,7 @@ def run_stage(
   if restored is None:
     needed = {}
     for need in stage.needs:
-      needed[need], results = _finished_state(ctx, need, states, results)
+      needed[need], results = needed_state(ctx, need, states, results)
     carry, start, skips = stage.start(ctx, needed), 0, 0
   else:
     start, tree, host = restored
@@ -235,10 +239,13 @@ def _restore(ctx: Context, stage: str, ck, extra: dict):
   return out
 
 
-def _finished_state(ctx, need: str, states, results):
-  """`need`'s final train state: from this process, or its checkpoint."""
+def needed_state(ctx: Context, need: str, states, results):
+  """`need`'s final train state: from this process, config.init (when the
+  run does not list `need`), or this workdir's checkpoint."""
   if need in states:
     return states[need], results
+  if ctx.s.init and need not in ctx.s.stages:
+    return source_state(ctx, ctx.s.init), results
   ck = ctx.checkpointer(need)
   out = ck.restore(dict(train=ctx.abstract))
   ck.close()
@@ -246,9 +253,27 @@ def _finished_state(ctx, need: str, states, results):
     raise config_lib.ConfigError(
       f"config: this stage starts from the {need} stage's weights, but "
       f"{need} has not finished in this workdir; add '{need}' to "
-      "config.stages"
+      "config.stages, or start from another run: config.init=DIR:stage"
     )
   return out[1]["train"], {**results, **out[2].get("results", {})}
+
+
+def source_state(
+  ctx: Context, spec: str, *, field: str = "init", tx=None
+) -> train.TrainState:
+  """A train state at step 0 whose params are the source `spec`'s
+  (`k15.sources`: DIR:stage[@step] or an HF directory), placed straight
+  into their shardings, with a fresh state of `tx` (default ctx.tx)."""
+  src = sources.parse(spec, field)
+  shardings = jax.tree.map(lambda x: x.sharding, ctx.abstract)
+  params = sources.load_params(
+    src, model=ctx.s.model, abstract_params=ctx.abstract.params, field=field
+  )
+  tx = ctx.tx if tx is None else tx
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  return train.TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state
+  )
 
 
 def _check_skips(stage: str, step: int, skips: int, limit: int, ck) -> None:

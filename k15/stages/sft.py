@@ -1,9 +1,10 @@
 """The long-CoT warm-up: supervised steps on the task's verified traces.
 
-The `sft` stage starts from a random init (or the imported checkpoint of
-`config.init`) and minimises the NLL of the warm-up traces' responses; the
-`control` stage (`stages.control`) continues it. Batch i is a pure function
-of i (`data.sft_dataset`), so a resumed stage draws what it would have.
+The `sft` stage starts from a random init (or `config.init`: another run's
+stage, or an imported HF checkpoint) and minimises the NLL of the warm-up
+traces' responses; the `control` stage (`stages.control`) continues it.
+Batch i is a pure function of i (`data.sft_dataset`), so a resumed stage
+draws what it would have.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 
 import grain
 import jax
-import jax.numpy as jnp
 
 from k15 import data, faults, sharding, train
 from k15.stages import common
@@ -63,30 +63,39 @@ def response_lens(rollout) -> tuple[int, ...]:
 
 
 def dataset(ctx: common.Context, seed_offset: int) -> grain.MapDataset:
-  s, tok = ctx.s, ctx.tok
+  """The warm-up traces' batches (sft.batch_size rows)."""
   examples = [
-    data.encode_sft(tok, p.question, p.trace) for p in ctx.problems["sft"]
+    data.encode_sft(ctx.tok, p.question, p.trace) for p in ctx.problems["sft"]
   ]
+  return examples_dataset(ctx, examples, ctx.s.sft.batch_size, seed_offset)
+
+
+def examples_dataset(
+  ctx: common.Context, examples, batch_size: int, seed_offset: int
+) -> grain.MapDataset:
+  """Batches of (prompt ids, response ids) examples, reshuffled per epoch;
+  the response columns fit the longest (`response_len`)."""
   longest = max(len(e[1]) for e in examples)
   return data.sft_dataset(
     examples,
-    batch_size=s.sft.batch_size,
-    prompt_len=s.rollout.prompt_len,
-    response_len=response_len(longest, s.rollout),
-    pad_id=tok.pad_id,
-    seed=s.seed + seed_offset,
+    batch_size=batch_size,
+    prompt_len=ctx.s.rollout.prompt_len,
+    response_len=response_len(longest, ctx.s.rollout),
+    pad_id=ctx.tok.pad_id,
+    seed=ctx.s.seed + seed_offset,
   )
 
 
-def step(ctx: common.Context, carry: Carry, i: int, *, stage: str):
-  """Supervised step i of `stage` (sft or control)."""
+def step(ctx: common.Context, carry: Carry, i: int, *, stage: str, tx=None):
+  """Supervised step i of `stage` (sft, control, or rs with its own `tx`;
+  default ctx.sft_tx)."""
   t0 = time.time()
   # this process's rows only (multi-host: each host loads its share)
   batch = sharding.shard_batch(
     data.process_slice(carry.ds[i]), ctx.mesh, local=True
   )
   state, m = train.sft_step(
-    carry.state, batch, model=ctx.s.model, tx=ctx.sft_tx
+    carry.state, batch, model=ctx.s.model, tx=tx or ctx.sft_tx
   )
   faults.point(stage, i + 1, "update")
   m = sharding.gather(m)
@@ -106,29 +115,13 @@ def progress(m: dict) -> dict:
 def _start(ctx: common.Context, states) -> Carry:
   del states
   s = ctx.s
-  if s.init:
-    state = _load_init(ctx)
+  if s.init:  # another run's stage or an HF checkpoint (k15.sources)
+    state = common.source_state(ctx, s.init, tx=ctx.sft_tx)
   else:
     state = train.init_state(
       jax.random.key(s.seed), model=s.model, tx=ctx.tx, mesh=ctx.mesh
     )
   return Carry(state, dataset(ctx, 0))
-
-
-def _load_init(ctx: common.Context) -> train.TrainState:
-  """A state whose params are an imported HF checkpoint's, placed straight
-  into their shardings (no random init, no full copy on one device)."""
-  from k15 import hf  # noqa: PLC0415 - safetensors only needed with init
-
-  params = hf.import_params(ctx.s.init, model=ctx.s.model)
-  shardings = jax.tree.map(lambda x: x.sharding, ctx.abstract)
-  params = jax.device_put(params, shardings.params)
-  opt_state = jax.jit(ctx.sft_tx.init, out_shardings=shardings.opt_state)(
-    params
-  )
-  return train.TrainState(
-    step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state
-  )
 
 
 STAGE = common.Stage(

@@ -48,6 +48,9 @@ class TaskConfig:
   max_operand: int = 9  # arithmetic: operands 1..max_operand
   # fraction of warm-up traces with a wrong final answer (unverified data)
   sft_noise: float = 0.0
+  # > 0: the long-CoT warm-up format, each trace with 0..checks verification
+  # passes that restate its chain (arithmetic.with_checks); 0: short
+  checks: int = 0
   seed: int = 0
   # name="jsonl"
   rl_files: tuple[str, ...] = ()
@@ -68,6 +71,8 @@ class TaskConfig:
         raise ValueError(f"task.{field}={getattr(self, field)} must be >= 0")
     if not 0 <= self.sft_noise <= 1:
       raise ValueError(f"task.sft_noise={self.sft_noise} must be in [0, 1]")
+    if self.checks < 0:
+      raise ValueError(f"task.checks={self.checks} must be >= 0")
     if self.name == "jsonl":
       self._check_jsonl()
 
@@ -129,7 +134,7 @@ class TaskConfig:
       num_eval=self.num_eval, min_steps=self.min_steps,
       max_steps=self.max_steps, ops=self.ops,
       sft_max_steps=self.sft_max_steps, max_operand=self.max_operand,
-      sft_noise=self.sft_noise,
+      sft_noise=self.sft_noise, checks=self.checks,
     )  # fmt: skip
 
   def _jsonl_splits(self, workdir: str) -> dict[str, list]:

@@ -76,9 +76,11 @@ def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
 
 def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
            min_steps: int, max_steps: int, sft_max_steps: int = 0,
-           sft_noise: float = 0.0, **unused) -> dict[str, list[Problem]]:
-  """Disjoint warm-up / RL / evaluation sets (by prompt text); `sft_noise`
-  as in `arithmetic.noisy_answers`."""
+           sft_noise: float = 0.0, checks: int = 0, **unused
+           ) -> dict[str, list[Problem]]:
+  """Disjoint warm-up / RL / evaluation sets (by prompt text); `checks`
+  and `sft_noise` as in `arithmetic.with_checks` / `noisy_answers`
+  (a long trace: " a>c, c>f. a>c, c>f. answer: f")."""
   del unused
   edges = max_steps + 2
   ev = generate(num_eval, seed=seed + 2, min_steps=min_steps,
@@ -90,6 +92,7 @@ def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
   used |= {p.question for p in sft}
   rl = generate(num_rl, seed=seed + 1, min_steps=min_steps,
                 max_steps=max_steps, exclude=used, num_edges=edges)
+  sft = arithmetic.with_checks(sft, checks, seed=seed + 4)
   sft = arithmetic.noisy_answers(sft, sft_noise, seed=seed + 3,
                                  alphabet=NODES)
   return dict(sft=sft, rl=rl, eval=ev)

@@ -204,6 +204,8 @@ def programs(s: pipeline.Settings) -> dict[str, tuple[tuple[int, ...], ...]]:
   """
   ro = s.rollout
   out = dict(s.rollout.gen.shapes())
+  for name, shapes in s.eval.gen(ro.gen).shapes().items():  # max_response
+    out[name] = tuple(sorted(set(out[name]) | set(shapes)))
   if {"sft", "control"} & set(s.stages):
     out["sft_step"] = tuple(
       (s.sft.batch_size, ro.prompt_len + n) for n in sft.response_lens(ro)
