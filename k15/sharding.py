@@ -47,7 +47,8 @@ RULES: tuple[tuple[str, Any], ...] = (
   ("vision_head_dim", None),
   ("vision_layers", None),
   ("vision_pixels", None),
-  ("vision_grid", None),
+  ("vision_rows", None),
+  ("vision_cols", None),
   ("projector", "tensor"),
   # activations
   ("activation_batch", BATCH),

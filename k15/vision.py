@@ -33,7 +33,8 @@ indexed by each patch's (row, column), so an image of any shape up to
 G x G patches reads the same table (SigLIP's [G*G, E] table, reshaped).
 Layers are scanned (and optionally rematerialised) like the decoder's;
 params carry the logical axes `vision_embed, vision_mlp, vision_heads,
-vision_head_dim, vision_layers, vision_pixels, vision_grid` and the
+vision_head_dim, vision_layers, vision_pixels, vision_rows, vision_cols`
+and the
 projector's `vision_embed, projector, embed` (`k15.sharding.RULES`).
 """
 
@@ -248,7 +249,7 @@ class VisionTower(nn.Module):
     if v.pos_grid:
       table_GxGxE = _param(
         self, "pos_embed", nn.initializers.normal(stddev=0.02),
-        (v.pos_grid, v.pos_grid, E), ("vision_grid", "vision_grid",
+        (v.pos_grid, v.pos_grid, E), ("vision_rows", "vision_cols",
                                       "vision_embed"), pdt,
       )  # fmt: skip
       rc = jnp.clip(patch_pos_BxNx2, 0, v.pos_grid - 1)

@@ -239,5 +239,5 @@ def test_tower_params_carry_their_logical_axes():
   assert names["vision"]["layers"]["q"] == (
     "vision_layers", "vision_embed", "vision_heads", "vision_head_dim")
   assert names["vision"]["pos_embed"] == (
-    "vision_grid", "vision_grid", "vision_embed")
+    "vision_rows", "vision_cols", "vision_embed")
   assert names["projector"]["out"] == ("projector", "embed")

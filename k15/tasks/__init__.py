@@ -1,14 +1,18 @@
 """Prompt sources. Each synthetic task module provides `splits(...)`,
 `verify(response, answer)` and `tokenizer_corpus()`; `get(name)` finds it.
 Its problems' reward rows have the task's name as their kind, and
-`verifiers()` gives the reward pool every task's rule under that name."""
+`verifiers()` gives the reward pool every task's rule under that name.
+`visual` mixes text and image problems (`visual.VisualConfig` is its
+`task.visual` section)."""
 
 import dataclasses
 import importlib
 from collections.abc import Callable
 from types import ModuleType
 
-TASKS = ("arithmetic", "chains")
+from k15.tasks.visual import VisualConfig
+
+TASKS = ("arithmetic", "chains", "visual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +31,7 @@ class TaskConfig:
   # fraction of warm-up traces with a wrong final answer (unverified data)
   sft_noise: float = 0.0
   seed: int = 0
+  visual: VisualConfig | None = None  # task.name="visual": the mix
 
   def __post_init__(self):
     if self.name not in TASKS:
@@ -45,6 +50,8 @@ class TaskConfig:
       max_steps=self.max_steps, ops=self.ops,
       sft_max_steps=self.sft_max_steps, max_operand=self.max_operand,
       sft_noise=self.sft_noise,
+      **({"visual": self.visual or VisualConfig()}
+         if self.name == "visual" else {}),
     )  # fmt: skip
 
 
