@@ -3,6 +3,10 @@
   python -m k15.main --config experiments/tiny.py --workdir /tmp/k15_tiny
   python -m k15.main --config experiments/tiny.py:control --workdir /tmp/ctl
   python -m k15.main --config experiments/tiny.py:runlocal --workdir /tmp/t
+  python -m k15.main --config experiments/tiny.py --seeds 0,1,2 \
+      --workdir /tmp/s
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m k15.main \
+      --config experiments/tiny.py --seeds 0,1,2 --workdir /tmp/s2
 
 Stages: sentencepiece tokenizer trained on the task's text -> long-CoT SFT
 warm-up on a small set of verified traces -> RL with the report's
@@ -11,9 +15,14 @@ squared log-ratio to pi_theta_i, optimizer reset every iteration) ->
 evaluation (pass@1 over 4 samples at temperature 1, greedy accuracy, mean
 length) -> a control that continues SFT as long as RL ran.
 
+The `--seeds` runs write results.md with each seed's numbers and whether it
+met `targets`; the second one moves XLA:CPU's dots from YNNPACK to Eigen,
+which changes the rounding the way another CPU does (docs/tiny.md).
+
 Variants (after the colon, comma separated): `runlocal` (a < 1 minute
-smoke run), `control` (only the SFT-continuation control), `loss=rest|grpo|
-reinforce`, `seed=N`.
+smoke run), `control` (only the SFT-continuation control), `quick` (the
+CI learning test's run: RL must beat the warm-up within a minute),
+`loss=rest|grpo|reinforce`, `seed=N`.
 """
 
 from k15 import config_lib
@@ -73,7 +82,12 @@ def get_config(arg=None):
   c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
   c.ckpt = dict(every=10, keep=3, async_save=True)
   c.eval = dict(num_samples=4, temperature=1.0, greedy=True)
+  # what `--seeds` checks on every seed: RL beats its own warm-up by 15
+  # points of held-out pass@1 and the SFT control by 10
+  c.targets = dict(rl_minus_sft_pass1=0.15, rl_minus_control_pass1=0.10)
 
+  if arg.control:
+    c.targets = {}
   if arg.runlocal:
     c.task.update(num_sft=64, num_rl=256, num_eval=32)
     c.model.update(d_model=64, mlp_dim=128, num_layers=1)
@@ -90,6 +104,7 @@ def get_config(arg=None):
     # and a random digit, and only the reward teaches it to answer what it
     # computed.
     c.stages = ("sft", "rl")
+    c.targets = dict(rl_minus_sft_pass1=0.20)  # tests/test_learning.py
     c.task.update(min_steps=1, max_steps=3, sft_max_steps=0, num_sft=1536,
                   num_rl=512, num_eval=64, sft_noise=0.5)
     c.model.update(d_model=64, mlp_dim=256, num_layers=2, num_heads=4,

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from k15.rewards import _harness, sandbox
+from k15.rewards import _harness, isolation, sandbox
 
 REASON = sandbox.unavailable_reason()
 pytestmark = pytest.mark.skipif(bool(REASON), reason=f"no sandbox: {REASON}")
@@ -110,20 +110,20 @@ def test_no_fd_or_process_leak():
 
 def test_unshare_complaint_about_a_killed_init_reads_as_a_kill():
   # util-linux 2.38 cannot re-raise SIGKILL: it says so and exits 1.
-  io_out = sandbox._IO(stderr=b"out\n" + sandbox._UNSHARE_KILLED)
-  assert sandbox._unshare_status(io_out, 1) == -9
+  io_out = isolation.IO(stderr=b"out\n" + isolation.UNSHARE_KILLED)
+  assert isolation.unshare_status(io_out, 1) == -9
   assert io_out.stderr == b"out\n"
-  assert sandbox._unshare_status(sandbox._IO(stderr=b"x\n"), 1) == 1
+  assert isolation.unshare_status(isolation.IO(stderr=b"x\n"), 1) == 1
 
 
 def test_missing_bwrap_refuses(monkeypatch):
-  sandbox._tools.cache_clear()
-  monkeypatch.setattr(sandbox.shutil, "which", lambda *a, **k: None)
+  isolation.tools.cache_clear()
+  monkeypatch.setattr(isolation.shutil, "which", lambda *a, **k: None)
   try:
     with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
       run("print(1)")
   finally:
-    sandbox._tools.cache_clear()
+    isolation.tools.cache_clear()
 
 
 # -- hostile programs ---------------------------------------------------------
@@ -571,7 +571,7 @@ def test_judge_wire_format():
 # lists every other process of the namespace, zombies included.
 _AS_PID1 = """
 import json, os, sys
-from k15.rewards import _harness, sandbox
+from k15.rewards import _harness, isolation, sandbox
 
 def others():
   out = []
@@ -624,7 +624,8 @@ def test_no_process_or_zombie_outlives_a_run_under_pid1():
   }
   order = list(progs) * 5
   order = order[:30]
-  runs = run_as_pid1(order, timeout_s=0.3)
+  # 1 s: a run must start and finish "pass" within it on a loaded machine
+  runs = run_as_pid1(order, timeout_s=1.0)
   assert [cause for cause, _ in runs] == [progs[p] for p in order]
   assert [left for _, left in runs] == [[]] * len(order)
 
@@ -645,7 +646,7 @@ def test_nothing_of_a_run_is_alive_right_after_a_timeout():
   )
   sleep = "print('named', flush=True)\ntime.sleep(60)\n"
   for prog in [spin, sleep] * 2:
-    res = run(name + prog, limits=sandbox.Limits(timeout_s=0.5))
+    res = run(name + prog, limits=sandbox.Limits(timeout_s=2.0))
     assert res.cause == "timeout" and "named" in res.stdout
     assert tagged_tasks(tag) == []
 
