@@ -241,3 +241,37 @@ def test_tower_params_carry_their_logical_axes():
   assert names["vision"]["pos_embed"] == (
     "vision_rows", "vision_cols", "vision_embed")
   assert names["projector"]["out"] == ("projector", "embed")
+
+
+def test_frozen_lm_stage_leaves_the_lm_bitwise_unchanged(rng):
+  """The tower stage's optimizer (a mask: only vision + projector) over a
+  few SFT steps on image rows, with weight decay and clipping on: every
+  LM param is bitwise what it was; the tower and projector moved. The
+  same optimizer unmasked moves the LM (the mask is what holds it)."""
+  from k15 import sharding, train  # noqa: PLC0415
+  from k15.stages import tower  # noqa: PLC0415
+
+  mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
+
+  toks, seg, patches, _ = _rows(rng)
+  batch = dict(tokens_BxT=toks, seg_BxT=seg,
+               loss_mask_BxT=(seg > 0) & (toks != IMG),
+               **images_lib.pack(patches, VIS))  # fmt: skip
+  opt = train.OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
+  for trainable, lm_moves in ((tower.TRAINABLE, False), ((), True)):
+    tx = train.make_optimizer(opt, trainable)
+    state = train.init_state(jax.random.key(0), model=CFG, tx=tx,
+                             mesh=mesh)
+    before = jax.tree.map(np.asarray, state.params["params"])
+    for _ in range(3):
+      state, m = train.sft_step(state, batch, model=CFG, tx=tx)
+    assert np.isfinite(float(m["loss"]))
+    after = jax.tree.map(np.asarray, state.params["params"])
+    for name in before:
+      same = all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))
+      trained = not trainable or name in trainable
+      if trained and (name in tower.TRAINABLE or lm_moves):
+        assert not same, name
+      elif not trained:
+        assert same, name
