@@ -22,7 +22,6 @@ import numpy as np
 
 from k15 import images as images_lib
 from k15 import rollout, vision
-from k15 import tokenizer as tokenizer_lib
 
 
 def sft_dataset(examples: list[tuple], *,

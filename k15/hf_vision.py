@@ -41,9 +41,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from k15 import hf
+from k15 import hf, vision
 from k15 import model as model_lib
-from k15 import vision
 
 # HF hidden_act -> VisionConfig.act
 _ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",

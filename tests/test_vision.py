@@ -175,7 +175,8 @@ def test_prefill_with_images_then_decode_equals_full_forward(rng):
   )
   # without its images, row 0's prompt is a different prompt
   lp_text = model_lib.sequence_logprobs(params, full, full_seg, model=CFG)
-  assert np.abs(np.asarray(lp_text)[0, 24:] - np.asarray(lp)[0, 24:]).max() > 1e-3
+  gap = np.abs(np.asarray(lp_text)[0, 24:] - np.asarray(lp)[0, 24:])
+  assert gap.max() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -191,7 +192,8 @@ def test_prefill_with_images_then_decode_equals_full_forward(rng):
   ],
 )
 def test_bad_images_are_named(image, match):
-  with pytest.raises(images_lib.ImageError, match=f"rl problem 7: image 0.*{match}"):
+  with pytest.raises(images_lib.ImageError,
+                     match=f"rl problem 7: image 0.*{match}"):
     images_lib.encode_prompt(
       _Tok(), "<image>?", [image], model=CFG, where="rl problem 7"
     )
@@ -268,8 +270,9 @@ def test_frozen_lm_stage_leaves_the_lm_bitwise_unchanged(rng):
     assert np.isfinite(float(m["loss"]))
     after = jax.tree.map(np.asarray, state.params["params"])
     for name in before:
-      same = all(np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(before[name]), jax.tree.leaves(after[name])))
+      pairs = zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name]),
+                  strict=True)  # fmt: skip
+      same = all(np.array_equal(a, b) for a, b in pairs)
       trained = not trainable or name in trainable
       if trained and (name in tower.TRAINABLE or lm_moves):
         assert not same, name

@@ -39,11 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k15 import curriculum, faults, objective, rollout, sharding, train
+from k15 import curriculum, faults, objective, rollout, sharding, train, vision
 from k15 import images as images_lib
 from k15 import rewards as rewards_lib
 from k15 import sampler as sampler_lib
-from k15 import vision
 from k15.stages import common, sft
 
 SEED = 22  # the rng stream of the iterations' sampling

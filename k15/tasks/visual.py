@@ -160,8 +160,8 @@ def make_chart(rng: np.random.Generator, level: int, cfg: VisualConfig
   else:
     j = int(rng.integers(k))
     question, ans, upto = f"{MARKER} val {colors[j]}", str(heights[j]), j + 1
-  trace = " " + " ".join(f"{c}{h}" for c, h in zip(colors[:upto],
-                                                    heights[:upto]))
+  pairs = zip(colors[:upto], heights[:upto], strict=True)
+  trace = " " + " ".join(f"{c}{h}" for c, h in pairs)
   trace += f". answer: {ans}"
   return Problem(question, ans, level, trace, "visual", "chart",
                  (draw.bars(heights, colors, G, cfg.cell),))
