@@ -13,6 +13,12 @@ One JSON object per line:
 - `kind` (optional, default `JsonlConfig.default_kind`): a reward kind of
   `k15.rewards` ("exact", "math", "code");
 - `trace` (optional): a string, the chain of thought for SFT warm-up;
+- `image` (optional): an image file path, or a list of them, relative to
+  the JSONL file's directory, one per `<image>` marker of the question
+  (`k15.images`): a path that is not there, or a marker count that differs,
+  is a bad row naming the line and the image. The pixels themselves are
+  checked when the row's prompt is encoded (`images.encode_prompt`, whose
+  errors name the row too);
 - other fields pass through unchanged (ids, metadata).
 
 A malformed row (bad JSON or UTF-8, not an object, a missing field, a wrong
@@ -30,11 +36,13 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
 KINDS = ("exact", "math", "code", "cot_rm", "scalar_rm")  # = k15.rewards.KINDS
 ON_ERROR = ("fail", "skip")
+IMAGE_MARKER = "<image>"  # = k15.images.MARKER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +221,7 @@ def _row(
       raise _BadRow(
         "wrong_type", "field 'tests' should be a non-empty list of strings"
       )
+  _check_images(row, question, os.path.dirname(cfg.path))
   if cfg.max_prompt_tokens:
     n = count_tokens(question)
     if n > cfg.max_prompt_tokens:
@@ -229,6 +238,23 @@ def _row(
     trace=trace,
   )
   return row
+
+
+def _check_images(row: dict[str, Any], question: str, base_dir: str) -> None:
+  field = row.get("image")
+  paths = [] if field is None else [field] if isinstance(field, str) else field
+  if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+    raise _BadRow("bad_image", "field 'image' should be a path or a list of "
+                  f"paths, got {_type(field)}")  # fmt: skip
+  for i, p in enumerate(paths):
+    full = os.path.join(base_dir, p)
+    if not os.path.isfile(full):
+      raise _BadRow("bad_image", f"image {i}: image file {full} does not "
+                    "exist")  # fmt: skip
+  markers = question.count(IMAGE_MARKER)
+  if paths and markers != len(paths):
+    raise _BadRow("bad_image", f"the question has {markers} {IMAGE_MARKER} "
+                  f"markers but the row has {len(paths)} images")  # fmt: skip
 
 
 def _answer(row: dict[str, Any], kind: str) -> str:
