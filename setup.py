@@ -33,6 +33,9 @@ setuptools.setup(
         # real checkpoints (k15/hf.py): safetensors + tokenizer.json; the
         # parity tests also need torch and transformers
         "hf": ["safetensors", "tokenizers"],
+        # image files other than .npy in JSONL rows (k15/images.py); the
+        # SigLIP import (k15/hf_vision.py) needs "hf"
+        "vision": ["pillow"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },
