@@ -248,33 +248,31 @@ def test_tower_params_carry_their_logical_axes():
 def test_frozen_lm_stage_leaves_the_lm_bitwise_unchanged(rng):
   """The tower stage's optimizer (a mask: only vision + projector) over a
   few SFT steps on image rows, with weight decay and clipping on: every
-  LM param is bitwise what it was; the tower and projector moved. The
-  same optimizer unmasked moves the LM (the mask is what holds it)."""
+  LM param is bitwise what it was; the tower and projector moved. (Every
+  param, the LM's included, has a nonzero gradient on such a batch:
+  test_vision_sharding checks it, so the mask is what holds the LM.)"""
   from k15 import sharding, train  # noqa: PLC0415
   from k15.stages import tower  # noqa: PLC0415
 
   mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
-
   toks, seg, patches, _ = _rows(rng)
   batch = dict(tokens_BxT=toks, seg_BxT=seg,
                loss_mask_BxT=(seg > 0) & (toks != IMG),
                **images_lib.pack(patches, VIS))  # fmt: skip
   opt = train.OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
-  for trainable, lm_moves in ((tower.TRAINABLE, False), ((), True)):
-    tx = train.make_optimizer(opt, trainable)
-    state = train.init_state(jax.random.key(0), model=CFG, tx=tx,
-                             mesh=mesh)
-    before = jax.tree.map(np.asarray, state.params["params"])
-    for _ in range(3):
-      state, m = train.sft_step(state, batch, model=CFG, tx=tx)
-    assert np.isfinite(float(m["loss"]))
-    after = jax.tree.map(np.asarray, state.params["params"])
-    for name in before:
-      pairs = zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name]),
-                  strict=True)  # fmt: skip
-      same = all(np.array_equal(a, b) for a, b in pairs)
-      trained = not trainable or name in trainable
-      if trained and (name in tower.TRAINABLE or lm_moves):
-        assert not same, name
-      elif not trained:
-        assert same, name
+  tx = train.make_optimizer(opt, tower.TRAINABLE)
+  state = train.init_state(jax.random.key(0), model=CFG, tx=tx, mesh=mesh)
+  before = jax.tree.map(np.asarray, state.params["params"])
+  for _ in range(3):
+    state, m = train.sft_step(state, batch, model=CFG, tx=tx)
+  assert np.isfinite(float(m["loss"]))
+  after = jax.tree.map(np.asarray, state.params["params"])
+  assert set(tower.TRAINABLE) < set(before)
+  for name in before:
+    pairs = zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name]),
+                strict=True)  # fmt: skip
+    same = [np.array_equal(a, b) for a, b in pairs]
+    if name in tower.TRAINABLE:
+      assert not any(same), name
+    else:
+      assert all(same), name
