@@ -35,6 +35,9 @@ setuptools.setup(
         "hf": ["safetensors", "tokenizers"],
         # the long2short frontier's scatter (python -m k15.tools.long2short)
         "figures": ["matplotlib"],
+        # image files other than .npy in JSONL rows (k15/images.py); the
+        # SigLIP import (k15/hf_vision.py) needs "hf"
+        "vision": ["pillow"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

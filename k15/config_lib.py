@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -117,8 +118,24 @@ def override(cfg: ml_collections.ConfigDict, **flat: Any
 
 
 def _check_type(name: str, value: Any, hint: Any) -> Any:
-  """Checks (and mildly coerces: int -> float, list -> tuple) one field."""
+  """Checks (and mildly coerces: int -> float, list -> tuple, a mapping ->
+  a nested config dataclass, e.g. `model.vision`) one field."""
   origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+      return None
+    inner = [a for a in args if a is not type(None)]
+    if len(inner) == 1:
+      return _check_type(name, value, inner[0])
+    return value
+  if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+    if isinstance(value, hint):
+      return value
+    if isinstance(value, Mapping):
+      return to_dataclass(hint, value, name)
+    raise TypeError(f"config field {name}={value!r} should be a section "
+                    f"(a dict of {hint.__name__} fields)")
   if hint is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if hint in (int, float, str, bool):

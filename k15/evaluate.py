@@ -4,8 +4,12 @@ pass@1 is the mean over problems of the fraction of the n samples (at the
 configured temperature, 1.0 as in the report's "total@temp_1.0") that are
 correct; a response that did not finish (cut by budget or length, or stopped
 for repeating) is wrong. Prompt-file problems also report it per domain
-(`pass1_math`, `pass1_code`, ...). Token efficiency is reported as mean response
-length and accuracy per 1k tokens, for the long2short comparisons.
+(`pass1_math`, `pass1_code`, ...). Token efficiency is reported as mean
+response length and accuracy per 1k tokens, for the long2short comparisons.
+
+A problem set that mixes tasks (`visual`) also gets pass@1 per task
+(`pass1_<task>`) and per modality (`pass1_text`, `pass1_image`: problems
+without and with images).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from k15 import images as images_lib
 from k15 import rewards, rollout, sampler
 from k15 import tokenizer as tokenizer_lib
 
@@ -92,14 +97,17 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
   if cfg.max_problems:
     problems = problems[:cfg.max_problems]
   gen = cfg.gen(gen)
-  prompts = [tok.encode(tokenizer_lib.format_prompt(p.question))
-             for p in problems]
+  enc = [images_lib.encode_prompt(tok, p.question, getattr(p, "images", ()),
+                                  model=model, where=f"eval problem {i}")
+         for i, p in enumerate(problems)]
+  prompts, imgs = [e[0] for e in enc], [e[1] for e in enc]
   rows = [p.to_item() for p in problems]
   n = cfg.num_samples
   samp = dataclasses.replace(sampling, temperature=cfg.temperature)
   gens = rollout.generate(params, [q for q in prompts for _ in range(n)],
                           rng, model=model, sampling=samp, gen=gen,
-                          pad_id=tok.pad_id, shard_fn=shard_fn)
+                          pad_id=tok.pad_id, shard_fn=shard_fn,
+                          images=[im for im in imgs for _ in range(n)])
   sampled = submit_scores(tok, gens, [r for r in rows for _ in range(n)],
                           pool)
   greedy_P = None
@@ -107,7 +115,8 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
     greedy = dataclasses.replace(sampling, temperature=0.0)
     g_gens = rollout.generate(params, prompts, jax.random.fold_in(rng, 1),
                               model=model, sampling=greedy, gen=gen,
-                              pad_id=tok.pad_id, shard_fn=shard_fn)
+                              pad_id=tok.pad_id, shard_fn=shard_fn,
+                              images=imgs)
     greedy_P = score_responses(tok, g_gens, rows, pool)
   correct_PxN = sampled.result().scores.reshape(len(problems), n)
   lengths = np.array([len(g.response) for g in gens], np.float32)
@@ -123,7 +132,23 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
     out[f"pass1_{dom}"] = float(correct_PxN[doms == dom].mean())
     if greedy_P is not None:
       out[f"greedy_acc_{dom}"] = float(greedy_P[doms == dom].mean())
+  out.update(per_task(correct_PxN, problems, [im is not None for im in imgs]))
   if greedy_P is not None:
     out["greedy_acc"] = float(greedy_P.mean())
   out["acc_per_1k_tokens"] = out["pass1"] / max(out["mean_length"], 1) * 1e3
+  return out
+
+
+def per_task(correct_PxN: np.ndarray, problems: Sequence,
+             has_image: Sequence[bool]) -> dict[str, float]:
+  """pass@1 per task and per modality, when the problems mix either."""
+  out = {}
+  tasks = np.array([getattr(p, "task", "") for p in problems])
+  if len(set(tasks)) > 1:
+    for t in dict.fromkeys(tasks):
+      out[f"pass1_{t}"] = float(correct_PxN[tasks == t].mean())
+  img = np.asarray(has_image, bool)
+  if img.any() and not img.all():
+    out["pass1_text"] = float(correct_PxN[~img].mean())
+    out["pass1_image"] = float(correct_PxN[img].mean())
   return out

@@ -306,7 +306,7 @@ def param_shapes(model: model_lib.ModelConfig) -> dict[str, tuple]:
   return out
 
 
-class _Tensors:
+class Tensors:
   """Name -> tensor over one or more safetensors files, one at a time."""
 
   def __init__(self, path: str, stack: contextlib.ExitStack):
@@ -376,7 +376,7 @@ def import_params(path: str, *, model: model_lib.ModelConfig) -> Params:
     node[keys[-1]] = value
 
   with contextlib.ExitStack() as stack:
-    tensors = _Tensors(path, stack)
+    tensors = Tensors(path, stack)
     for e in _top_entries(model):
       t = tensors.get(e.hf, e.hf_shape(model))
       put(e.ours, np.ascontiguousarray(e.to_ours(t, model), dtype))

@@ -18,6 +18,11 @@ and a call with a cache writes its T new keys at slots [index, index + T).
 per layer, keys [B,K,Dh,S] and values [B,K,S,Dh], in `cache_dtype`.
 Params carry logical axis names (`vocab, embed, mlp, heads, kv_heads,
 head_dim, layers`) that `k15.sharding` maps onto the mesh.
+
+With `ModelConfig.vision` set, the params also hold a ViT tower and its
+projector (`k15.vision`), whose features take the place of the image
+placeholder tokens' embeddings in every forward that is given `images`
+(training, scoring, prefill); decode steps only ever see text.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from k15 import attention
+from k15 import vision as vision_lib
 
 Params = Any
 Cache = dict[str, jax.Array]
@@ -70,6 +76,8 @@ class ModelConfig:
   attention_block: int = 512
   logits_chunk: int = 1024  # tokens per chunk when computing log-probs
   emb_init_scale: float = 1.0
+  # a ViT tower + projector for interleaved image-text sequences
+  vision: vision_lib.VisionConfig | None = None
 
   def __post_init__(self):
     for name in ("num_layers", "d_model", "num_heads", "num_kv_heads",
@@ -92,6 +100,20 @@ class ModelConfig:
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat={self.remat!r}: none | full | dots")
     rope_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+    if self.vision is not None and self.vocab_size and not (
+        0 <= self.image_token < self.vocab_size):
+      raise ValueError(
+          f"model.vision.image_token={self.vision.image_token} is not an id "
+          f"of model.vocab_size={self.vocab_size}")
+
+  @property
+  def image_token(self) -> int | None:
+    """The image placeholder id (None without a tower): vision.image_token,
+    or the last id of the vocabulary when that is -1."""
+    if self.vision is None:
+      return None
+    t = self.vision.image_token
+    return t if t >= 0 else self.vocab_size - 1
 
   @property
   def jnp_dtype(self):
@@ -109,7 +131,8 @@ class ModelConfig:
       attn += (H + 2 * K) * Dh
     per_layer = attn + 3 * D * F + 2 * D
     emb = V * D * (1 if self.tie_embeddings else 2)
-    return self.num_layers * per_layer + emb + D
+    tower = self.vision.num_params(D) if self.vision is not None else 0
+    return self.num_layers * per_layer + emb + D + tower
 
 
 def _param(module, name, init, shape, axes, dtype):
@@ -348,15 +371,44 @@ class Decoder(nn.Module):
                  nn.broadcast), length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     self.final_norm = NormScale(cfg)
+    if cfg.vision is not None:
+      self.vision = vision_lib.VisionTower(cfg)
+      self.projector = vision_lib.Projector(cfg)
 
   def __call__(self, tokens_BxT, pos_BxT, seg_BxT, cache: Cache | None = None,
-               index=0, return_hidden: bool = False):
-    """Returns (hidden_BxTxD or logits_BxTxV, new cache or None)."""
+               index=0, return_hidden: bool = False,
+               images: dict | None = None):
+    """Returns (hidden_BxTxD or logits_BxTxV, new cache or None).
+
+    images: the tower's inputs for these rows (`vision.IMAGE_KEYS`), whose
+    features replace the placeholder tokens' embeddings; None: text only.
+    """
+    x_BxTxD = self.embed(tokens_BxT, images)
+    return self.layers_from(x_BxTxD, pos_BxT, seg_BxT, cache, index,
+                            return_hidden)
+
+  def embed(self, tokens_BxT, images: dict | None = None):
+    """Token embeddings [B, T, D], image features at the placeholders."""
     # gather the fsdp-split table (as FSDP does for every weight) before
     # the lookup: a lookup into an embed-split table yields embed-split
     # rows, which XLA can only turn into batch-split ones by a full copy
     emb_VxD = nn.with_logical_constraint(self.embedding, ("vocab", None))
     x_BxTxD = emb_VxD.astype(self.cfg.jnp_dtype)[tokens_BxT]
+    if images is None:
+      return x_BxTxD
+    if self.cfg.vision is None:
+      raise ValueError("Decoder: images given but model.vision is not set")
+    return vision_lib.splice(x_BxTxD, self.image_features(images),
+                             tokens_BxT, self.cfg.image_token)
+
+  def image_features(self, images: dict):
+    """The projected tower features [B, N, D] of the rows' patches."""
+    return self.projector(self.vision(*(images[k]
+                                        for k in vision_lib.IMAGE_KEYS)))
+
+  def layers_from(self, x_BxTxD, pos_BxT, seg_BxT, cache: Cache | None = None,
+                  index=0, return_hidden: bool = False):
+    """The layers, final norm (and head) over embeddings x_BxTxD."""
     if cache is None:
       kv_pos, kv_seg, layer_kv = pos_BxT, seg_BxT, None
     else:
@@ -377,8 +429,9 @@ class Decoder(nn.Module):
 
   def logits(self, h_BxTxD):
     w_DxV = (self.embedding.T if self.cfg.tie_embeddings else self.lm_head)
-    return project(h_BxTxD, w_DxV, "logits", h_BxTxD.dtype).astype(
-        jnp.float32)
+    return vision_lib.mask_image_logit(project(
+        h_BxTxD, w_DxV, "logits", h_BxTxD.dtype).astype(jnp.float32),
+        self.cfg.image_token)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> Cache:
@@ -475,7 +528,9 @@ def decode_step(w: dict, tok_B, pos_B, seg_B, cache: Cache, index, *,
   h_Bx1xD = rms_norm(x_Bx1xD, w["final_norm"], cfg)
   # rounded to the compute dtype first, as `Decoder.logits` does
   logits_Bx1xV = project(h_Bx1xD, w["out"], "logits", dt, decode=True)
-  return logits_Bx1xV[:, 0].astype(jnp.float32), dict(
+  logits_BxV = vision_lib.mask_image_logit(
+      logits_Bx1xV[:, 0].astype(jnp.float32), cfg.image_token)
+  return logits_BxV, dict(
       k=tuple(ks), v=tuple(vs), pos=kv_pos_BxS, seg=kv_seg_BxS)
 
 
@@ -501,11 +556,13 @@ def output_weight(params: Params, cfg: ModelConfig) -> jax.Array:
 
 
 def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array,
-                   targets_BxT: jax.Array, chunk: int) -> jax.Array:
+                   targets_BxT: jax.Array, chunk: int,
+                   image_token: int | None = None) -> jax.Array:
   """log softmax(h @ w)[target] per token, without a [B, T, V] f32 array.
 
   Scans over chunks of T; each chunk's logits are rematerialised in the
-  backward pass, so peak memory is O(B * chunk * V).
+  backward pass, so peak memory is O(B * chunk * V). `image_token`'s logit
+  is masked (`vision.mask_image_logit`), as in `Decoder.logits`.
   """
   B, T, D = h_BxTxD.shape
   chunk = min(chunk, T)
@@ -519,7 +576,8 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array,
   @jax.checkpoint
   def one(h_BxCxD, tgt_BxC):
     logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV.astype(h_BxCxD.dtype))
-    logits = logits.astype(jnp.float32)
+    logits = vision_lib.mask_image_logit(logits.astype(jnp.float32),
+                                         image_token)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tgt_BxC[..., None], -1)[..., 0]
     return picked - lse
@@ -529,17 +587,24 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array,
 
 
 def sequence_logprobs(params: Params, tokens_BxT: jax.Array,
-                      seg_BxT: jax.Array, *, model: ModelConfig) -> jax.Array:
+                      seg_BxT: jax.Array, *, model: ModelConfig,
+                      images: dict | None = None) -> jax.Array:
   """Per-token log p(tokens[t] | tokens[<t]) at temperature 1, shape [B, T].
 
-  Entry t scores token t (entry 0 is 0: nothing predicts the first token).
+  Entry t scores token t (entry 0 is 0: nothing predicts the first token;
+  nor is an image position ever a target: its entries are 0 too).
   Positions are derived from the segment ids (left padding allowed).
+  images: the rows' images (`vision.IMAGE_KEYS`), or None.
   """
   pos_BxT = positions_from_segments(seg_BxT)
   h_BxTxD, _ = Decoder(model).apply(params, tokens_BxT, pos_BxT, seg_BxT,
-                                    return_hidden=True)
+                                    return_hidden=True, images=images)
   lp_BxTm1 = token_logprobs(h_BxTxD[:, :-1], output_weight(params, model),
-                            tokens_BxT[:, 1:], model.logits_chunk)
+                            tokens_BxT[:, 1:], model.logits_chunk,
+                            model.image_token)
+  if model.image_token is not None:
+    lp_BxTm1 = jnp.where(tokens_BxT[:, 1:] == model.image_token, 0.0,
+                         lp_BxTm1)
   return jnp.pad(lp_BxTm1, ((0, 0), (1, 0)))
 
 
@@ -555,5 +620,7 @@ def init_params(rng: jax.Array, *, model: ModelConfig) -> Params:
   # cannot be split by ring attention's context mesh: init with dense.
   model = dataclasses.replace(model, attention="dense")
   tokens = jnp.zeros((1, 8), jnp.int32)
+  images = (None if model.vision is None else
+            vision_lib.dummy_images(model.vision))
   return Decoder(model).init(rng, tokens, jnp.zeros_like(tokens),
-                             jnp.ones_like(tokens))
+                             jnp.ones_like(tokens), images=images)

@@ -19,6 +19,13 @@ DIR:stage or DIR:stage@step, or an HF directory; the first stage, and any
 stage whose need the run does not list, starts from its weights (long2short
 RL is the rl stage started from a long-CoT run's RL checkpoint).
 
+With a vision tower (`model.vision`) and image problems (`task.name=
+"visual"`), the report's phases (App. B.4) go between the warm-up and RL:
+
+  tower    the tower + projector trained on image rows, the LM frozen;
+  joint    everything trained on the text/image mix (`joint.image_share`);
+           rl and control then start from (and control continues) it.
+
 A rerun with the same workdir resumes: finished stages are skipped (their
 evaluation results are read back from the checkpoint), an unfinished stage
 continues from its newest checkpoint. Every random draw is derived from
@@ -60,13 +67,15 @@ from k15 import sampler as sampler_lib
 from k15 import tokenizer as tokenizer_lib
 from k15.rewards import code as rewards_code
 from k15.rewards import sandbox
-from k15.stages import common, control, dpo, merge, rl, rs, sft
+from k15.stages import common, control, dpo, joint, merge, rl, rs, sft, tower
 from k15.tasks import jsonl
 
 # Every stage `config.stages` may name; a new stage is one module under
 # k15/stages/ and one line here.
 STAGES: dict[str, common.Stage] = {
   "sft": sft.STAGE,
+  "tower": tower.STAGE,
+  "joint": joint.STAGE,
   "rl": rl.STAGE,
   "control": control.STAGE,
   "merge": merge.STAGE,
@@ -103,6 +112,8 @@ class Settings:
   # DIR:stage@step, or a Llama/Qwen2 safetensors dir
   init: str = ""
   reward: rm_lib.RewardConfig = rm_lib.RewardConfig()
+  tower: tower.TowerConfig = tower.TowerConfig()
+  joint: joint.JointConfig = joint.JointConfig()
   merge: merge.MergeConfig = merge.MergeConfig()
   rs: rs.RSConfig = rs.RSConfig()
   dpo: dpo.DPOStageConfig = dpo.DPOStageConfig()
@@ -122,6 +133,8 @@ _SECTIONS = {
   "ckpt": ckpt_lib.CheckpointConfig,
   "eval": evaluate.EvalConfig,
   "reward": rm_lib.RewardConfig,
+  "tower": tower.TowerConfig,
+  "joint": joint.JointConfig,
   "merge": merge.MergeConfig,
   "rs": rs.RSConfig,
   "dpo": dpo.DPOStageConfig,
@@ -172,7 +185,9 @@ def _settings(config, *, vocab_size, num_devices) -> Settings:
       and vocab_size is not None
       and not section.get("vocab_size")
     ):
-      section["vocab_size"] = -(-vocab_size // 8) * 8
+      # a tower's placeholder takes the last id: keep it free of pieces
+      extra = 1 if section.get("vision") else 0
+      section["vocab_size"] = -(-(vocab_size + extra) // 8) * 8
     out[name] = config_lib.to_dataclass(cls, section, name)
   stages = cfg.get("stages", ("sft", "rl"))
   if isinstance(stages, str) or not isinstance(stages, (tuple, list)):
@@ -233,6 +248,7 @@ def _check_across_sections(s: Settings, vocab_size, num_devices) -> None:
       f"config: model.vocab_size ({s.model.vocab_size}) is smaller than the "
       f"tokenizer's {vocab_size}"
     )
+  _check_vision(s, vocab_size)
   if num_devices is None:
     return
   shape = sharding.mesh_shape(s.mesh, num_devices)
@@ -243,11 +259,36 @@ def _check_across_sections(s: Settings, vocab_size, num_devices) -> None:
     ("rollout.gen_rows", r.gen_rows),
     ("rollout.continue_rows", r.continue_rows),
     ("sft.batch_size", s.sft.batch_size),
+    ("tower.batch_size", s.tower.batch_size),
+    ("joint.batch_size", s.joint.batch_size),
   ):  # fmt: skip
     if n % div:
       raise ValueError(
         f"config: {name} = {n} is not divisible by the mesh's data*fsdp = {div}"
       )
+
+
+def _check_vision(s: Settings, vocab_size) -> None:
+  """A tower where the stages or the task need one; its placeholder id
+  free of the tokenizer's pieces."""
+  v = s.model.vision
+  need = [st for st in s.stages if st in ("tower", "joint")]
+  if s.task.name == "visual" and set(s.task.visual.tasks if s.task.visual
+                                     else ("rendered",)) - {"arith"}:
+    need.append("task.name='visual' (image problems)")
+  if v is None and need:
+    raise ValueError(
+      f"config: {need[0]} needs a vision tower; set model.vision"
+    )
+  if v is not None and not s.init and vocab_size is not None and (
+    s.model.image_token < vocab_size
+  ):
+    raise ValueError(
+      f"config: the image placeholder id {s.model.image_token} "
+      f"(model.vision.image_token) is one of the tokenizer's {vocab_size} "
+      "pieces; leave it at -1 (the last id of a model.vocab_size above "
+      "the tokenizer's)"
+    )
 
 
 # ---------------------------------------------------------------------------

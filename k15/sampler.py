@@ -6,8 +6,9 @@ RoPE positions start at 0 on its first real token. Generated tokens go to a
 fixed [B, N] buffer (N = the per-call budget), so nothing recompiles across
 calls with the same (B, P, N, S).
 
-`prefill` runs one forward of `model.Decoder` over the prompts and samples
-the first new token; `decode` is a `lax.while_loop` (one per chunk of
+`prefill` runs one forward of `model.Decoder` over the prompts (and their
+images, spliced at the placeholder tokens: `k15.vision`) and samples the
+first new token; `decode` is a `lax.while_loop` (one per chunk of
 `live_chunk` cache slots, so attention reads only the filled part of the
 cache) that feeds one token per step through `model.decode_step` (the
 model's own blocks, over per-layer weights and a cache laid out for decode:
@@ -115,6 +116,7 @@ def prefill(
   cache_len: int,
   pad_id: int = 0,
   max_new_B: jax.Array | None = None,
+  images: dict | None = None,
 ) -> SamplingState:
   """One forward over left-padded prompts; samples the first new token.
 
@@ -122,6 +124,8 @@ def prefill(
   token is a padding row and starts stopped (length 0).
   max_new_B: optional per-row cap on new tokens (e.g. what is left of
   max_len for a continued trajectory); a row reaching it stops with MAX_LEN.
+  images: the rows' images (`vision.IMAGE_KEYS`, `images.pack`) for their
+  placeholder tokens; None: text only. Decode never needs them again.
   """
   B, P = prompt_BxP.shape
   if cache_len < P + 1:
@@ -129,7 +133,8 @@ def prefill(
   cache = model_lib.init_cache(model, B, P)
   pos_BxP = model_lib.positions_from_segments(prompt_seg_BxP)
   h_BxPxD, cache = model_lib.Decoder(model).apply(
-    params, prompt_BxP, pos_BxP, prompt_seg_BxP, cache, 0, return_hidden=True
+    params, prompt_BxP, pos_BxP, prompt_seg_BxP, cache, 0, return_hidden=True,
+    images=images,
   )
   logits_BxV = model_lib.Decoder(model).apply(
     params, h_BxPxD[:, -1:], method=model_lib.Decoder.logits
@@ -261,6 +266,7 @@ def generate(
   cache_len,
   pad_id=0,
   max_new_B=None,
+  images=None,
 ) -> SamplingState:
   """prefill + decode to the budget (or until every row stops)."""
   state = prefill(
@@ -274,6 +280,7 @@ def generate(
     cache_len=cache_len,
     pad_id=pad_id,
     max_new_B=max_new_B,
+    images=images,
   )
   return decode(
     params, state, model=model, cfg=cfg, max_steps=budget, pad_id=pad_id

@@ -40,6 +40,16 @@ RULES: tuple[tuple[str, Any], ...] = (
   ("kv_heads", "tensor"),
   ("head_dim", None),
   ("layers", None),
+  # the vision tower and projector (k15.vision)
+  ("vision_embed", "fsdp"),
+  ("vision_mlp", "tensor"),
+  ("vision_heads", "tensor"),
+  ("vision_head_dim", None),
+  ("vision_layers", None),
+  ("vision_pixels", None),
+  ("vision_rows", None),
+  ("vision_cols", None),
+  ("projector", "tensor"),
   # activations
   ("activation_batch", BATCH),
   ("activation_length", "context"),

@@ -10,6 +10,15 @@ skips and stops the run after too many.
 The state is born sharded: `abstract_state` traces `init` without allocating,
 `k15.sharding` maps the params' logical axes to the mesh, and `init_state`
 jits the initialiser with those output shardings.
+
+Freezing is a parameter mask on the optimizer (`make_optimizer(cfg,
+trainable=...)`): the gradients and updates of every other param are zero,
+so frozen params stay bitwise unchanged and the gradient clip sees only the
+trained ones. Every optimizer has the same state structure whatever its
+mask, so one restore target serves every stage.
+
+A batch with images carries the tower's inputs (`vision.IMAGE_KEYS`) next
+to its tokens; every step passes them to the model.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from k15 import model as model_lib
-from k15 import objective, sharding
+from k15 import objective, sharding, vision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +55,55 @@ class TrainState:
   opt_state: Any
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+@functools.cache
+def make_optimizer(cfg: OptimConfig, trainable: tuple[str, ...] = ()
+                   ) -> optax.GradientTransformation:
+  """AdamW (+ clip, warm-up) over the params named in `trainable` (top-level
+  names, e.g. ("vision", "projector")); () trains every param. Cached: the
+  same arguments give the same object (a jit static argument)."""
   lr = cfg.lr
   if cfg.warmup_steps > 0:
     lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-  parts = []
+  parts = [freeze(trainable)]
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay))
+  parts.append(freeze(trainable))
   return optax.chain(*parts)
+
+
+def trainable_mask(params, trainable: tuple[str, ...]):
+  """A bool per param leaf: is its top-level name (under "params") one of
+  `trainable`? (All True when `trainable` is ().)"""
+
+  def top(path) -> str:
+    keys = [getattr(k, "key", None) for k in path]
+    keys = [k for k in keys if k is not None]
+    return keys[1] if keys and keys[0] == "params" and len(keys) > 1 else (
+        keys[0] if keys else "")
+
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not trainable or top(path) in trainable, params)
+
+
+def freeze(trainable: tuple[str, ...]) -> optax.GradientTransformation:
+  """Zeroes the updates of params outside `trainable` (see
+  `trainable_mask`); stateless, so masks never change the state's shape."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    if not trainable:
+      return updates, state
+    mask = trainable_mask(updates, trainable)
+    return jax.tree.map(lambda u, m: u if m else jnp.zeros_like(u), updates,
+                        mask), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def _init(rng, *, model, tx):
@@ -127,7 +175,8 @@ def update_step(state: TrainState, batch: dict, *,
 
   def loss_fn(params):
     logp_BxT = model_lib.sequence_logprobs(
-        params, batch["tokens_BxT"], batch["seg_BxT"], model=model)
+        params, batch["tokens_BxT"], batch["seg_BxT"], model=model,
+        images=vision.images_of(batch))
     return objective.loss(logp_BxT, batch, cfg=loss_cfg)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -144,7 +193,8 @@ def sft_step(state: TrainState, batch: dict, *, model, tx
 
   def loss_fn(params):
     logp_BxT = model_lib.sequence_logprobs(
-        params, batch["tokens_BxT"], batch["seg_BxT"], model=model)
+        params, batch["tokens_BxT"], batch["seg_BxT"], model=model,
+        images=vision.images_of(batch))
     mask = batch["loss_mask_BxT"].astype(jnp.float32)
     nll = -jnp.sum(jnp.where(mask > 0, logp_BxT, 0.0)) / jnp.maximum(
         mask.sum(), 1.0)
@@ -175,6 +225,7 @@ def dpo_step(state: TrainState, batch: dict, *, model, tx,
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def score(params, tokens_BxT, seg_BxT, *, model) -> jax.Array:
+def score(params, tokens_BxT, seg_BxT, *, model, images=None) -> jax.Array:
   """Per-token log-probs at temperature 1 (the iteration's reference)."""
-  return model_lib.sequence_logprobs(params, tokens_BxT, seg_BxT, model=model)
+  return model_lib.sequence_logprobs(params, tokens_BxT, seg_BxT, model=model,
+                                     images=images)

@@ -193,3 +193,24 @@ def test_missing_file_and_bad_options_are_named(tmp_path):
     jsonl.JsonlConfig(path=missing, max_prompt_tokens=-1)
   with pytest.raises(ValueError, match="default_kind='poetry'"):
     jsonl.JsonlConfig(path=missing, default_kind="poetry")
+
+
+def test_image_rows_name_a_missing_file_and_the_line(tmp_path):
+  np = pytest.importorskip("numpy")
+  np.save(tmp_path / "ok.npy", np.zeros((6, 6, 3), np.uint8))
+  path = tmp_path / "v.jsonl"
+  good = {"question": "<image> count r", "answer": "1", "image": "ok.npy"}
+  bad = {"question": "<image> count r", "answer": "2", "image": ["gone.png"]}
+  path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+  with pytest.raises(jsonl.JsonlError, match=r"v.jsonl:2: image 0: image "
+                     r"file .*gone.png does not exist"):
+    jsonl.load(jsonl.JsonlConfig(path=str(path)))
+  rows, report = jsonl.load(jsonl.JsonlConfig(path=str(path),
+                                              on_error="skip"))
+  assert [r["answer"] for r in rows] == ["1"]
+  assert report.skipped == {"bad_image": 1}
+  two = dict(good, question="<image> <image> count r", answer="3")
+  path.write_text(json.dumps(two) + "\n")
+  with pytest.raises(jsonl.JsonlError, match=r"v.jsonl:1: the question has "
+                     r"2 <image> markers but the row has 1 images"):
+    jsonl.load(jsonl.JsonlConfig(path=str(path)))

@@ -250,3 +250,32 @@ def test_planner_lists_every_shape_the_run_compiles(tmp_path, monkeypatch):
   r = cfg.rollout
   assert len({b for _, b, _, _ in seen["prefill"]}) > 1
   assert max(t for _, t in seen["update_step"]) > r.prompt_len + r.budget
+
+
+def test_plan_covers_the_vision_tower():
+  """experiments/vision.py:runlocal on (data=2, fsdp=2, tensor=2): the
+  tower's params and Adam moments are in the bytes (split by the rules),
+  update_step and prefill compile with images and count the tower's
+  FLOPs, and the tower and joint stages' rows are listed programs."""
+  cfg = config_lib.load(os.path.join(ROOT, "experiments", "vision.py"),
+                        "runlocal")  # fmt: skip
+  cfg.tower.update(batch_size=12)
+  cfg.rollout.update(gen_rows=8)
+  cfg.mesh = dict(data=2, fsdp=2, tensor=2, context=1)
+  p = plan.plan(cfg)
+  assert p.model.vision is not None
+  mesh = sharding.make_mesh(cfg.mesh.to_dict())
+  tx = train.make_optimizer(train.OptimConfig())
+  want_p, want_o = _expected_bytes_per_device(p.model, tx, mesh)
+  lm = dataclasses.replace(p.model, vision=None)
+  lm_p, _ = _expected_bytes_per_device(lm, tx, mesh)
+  assert want_p > lm_p  # the tower is counted
+  upd, pre, dec = p.phases
+  for ph in p.phases:
+    assert (ph.params, ph.optimizer) == (want_p, want_o)
+  assert upd.flops_analytic <= upd.flops_counted < 4 * upd.flops_analytic
+  assert pre.flops_analytic <= pre.flops_counted < 8 * pre.flops_analytic
+  tower = flops.analytic_flops(p.model, "prefill", 8, 4) - flops.analytic_flops(
+    lm, "prefill", 8, 4)
+  assert tower > 0
+  assert {b for b, _ in p.programs["sft_step"]} == {8, 12}

@@ -17,6 +17,11 @@ planner. The KV cache lives only inside one call.
 
 `generate` samples one complete response per prompt (evaluation): rows cut
 by the budget are continued when `GenConfig.continue_buckets` has room.
+
+A request whose prompt holds image placeholders carries its images
+(`images.Patches`); a call (block) with any such row hands the packed
+patches of its rows to prefill, which splices them in (`k15.vision`). A
+continued row is re-prefilled with its images, like its prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from k15 import images as images_lib
 from k15 import model as model_lib
 from k15 import sampler, sharding
 
@@ -125,6 +131,7 @@ class Request:
   prompt: Sequence[int]
   prefix: Sequence[int] = ()
   max_new: int = _NO_CAP  # tokens this trajectory may still take
+  images: images_lib.Patches | None = None  # the prompt's, if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +248,11 @@ def _sample_call(
       [min(requests[i].max_new, _NO_CAP) for i in b.rows] + [1] * pad,
       np.int32,
     )
+    imgs = images_lib.pack_or_none(
+      [requests[i].images for i in b.rows] + [None] * pad, model.vision
+    )
     if shard_fn is not None:
-      toks, seg, max_new = shard_fn((toks, seg, max_new))
+      toks, seg, max_new, imgs = shard_fn((toks, seg, max_new, imgs))
     kw = dict(
       model=model,
       cfg=sampling,
@@ -250,6 +260,7 @@ def _sample_call(
       cache_len=gen.call_cache(b.bucket),
       pad_id=pad_id,
       max_new_B=max_new,
+      images=imgs,
     )
     if len(call) == 1:
       return sampler.generate(params, toks, seg, rng, **kw)
@@ -274,14 +285,17 @@ def generate(
   gen: GenConfig,
   pad_id: int,
   shard_fn=None,
+  images: Sequence[images_lib.Patches | None] | None = None,
 ) -> list[Generation]:
   """Samples one response per prompt. Deterministic for a given rng.
 
   A row cut by the budget is continued (prompt + response re-prefilled)
   while `gen.continue_buckets` holds it and max_len allows; otherwise it
-  ends with status BUDGET.
+  ends with status BUDGET. images[i]: prompt i's images, if any.
   """
-  reqs = [Request(p, (), gen.max_response(len(p))) for p in prompts]
+  imgs = list(images) if images is not None else [None] * len(prompts)
+  reqs = [Request(p, (), gen.max_response(len(p)), im)
+          for p, im in zip(prompts, imgs, strict=True)]  # fmt: skip
   gens = generate_segments(
     params,
     reqs,
@@ -304,6 +318,7 @@ def generate(
         gens[i].prompt,
         gens[i].response,
         gen.max_response(len(gens[i].prompt)) - len(gens[i].response),
+        imgs[i],
       )
       for i in todo
     ]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from k15 import checkpoint as ckpt_lib
 from k15 import config_lib, evaluate, faults, sharding, sources, train
+from k15 import images as images_lib
 from k15 import metrics as metrics_lib
 from k15 import rewards as rewards_lib
 from k15 import sampler as sampler_lib
@@ -81,6 +82,21 @@ class Context:
   # code, and config.reward's RM; closed when the run ends
   rewards: rewards_lib.RewardPool
   preemption: Preemption = dataclasses.field(default_factory=Preemption)
+  # (split, index) -> prompt(split, index); filled on first use
+  prompts: dict = dataclasses.field(default_factory=dict)
+
+  def prompt(self, split: str, i: int
+             ) -> tuple[list[int], images_lib.Patches | None]:  # fmt: skip
+    """Problem i of `split`: its prompt ids under the chat template, each
+    image marker expanded to its patches' placeholders, and the patches
+    (None for a text problem). Cached: RL asks again for every segment."""
+    if (split, i) not in self.prompts:
+      p = self.problems[split][i]
+      self.prompts[split, i] = images_lib.encode_prompt(
+        self.tok, p.question, getattr(p, "images", ()), model=self.s.model,
+        where=f"{split} problem {i}",
+      )  # fmt: skip
+    return self.prompts[split, i]
 
   def rng(self, seed: int, step: int) -> jax.Array:
     """The key of (run seed, stream `seed`, step): a resumed run draws what
@@ -117,10 +133,12 @@ class Stage:
   """A stage as `run_stage` runs it; `C` below is the stage's own carry.
 
   needs: stages whose final train state `start` receives (loaded from
-    their checkpoints when they ran in an earlier process). A need that
-    config.stages does not list comes from config.init when that is set
-    (another run's DIR:stage[@step], or an HF directory): the source's
-    params with a fresh optimizer state at step 0.
+    their checkpoints when they ran in an earlier process); a tuple, or a
+    function of the settings that gives one (a stage that continues
+    whichever warm-up the run has). A need that config.stages does not
+    list comes from config.init when that is set (another run's
+    DIR:stage[@step], or an HF directory): the source's params with a
+    fresh optimizer state at step 0.
   num_steps(settings), save_every(settings): the loop's length and how
     often it checkpoints (steps are 1-based in metrics and checkpoints).
   start(ctx, states) -> C: the carry at step 0; `states` maps each need
@@ -136,7 +154,7 @@ class Stage:
   """
 
   name: str
-  needs: tuple[str, ...]
+  needs: tuple[str, ...] | Callable[[Any], tuple[str, ...]]
   num_steps: Callable[[Any], int]
   save_every: Callable[[Any], int]
   start: Callable[[Context, dict[str, train.TrainState]], Any]
@@ -170,7 +188,8 @@ def run_stage(
   restored = _restore(ctx, name, ck, stage.abstract(ctx))
   if restored is None:
     needed = {}
-    for need in stage.needs:
+    needs = stage.needs(ctx.s) if callable(stage.needs) else stage.needs
+    for need in needs:
       needed[need], results = needed_state(ctx, need, states, results)
     carry, start, skips = stage.start(ctx, needed), 0, 0
   else:

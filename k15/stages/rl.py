@@ -23,6 +23,10 @@ Dynamic sampling (`rollout.oversample` = m > 1, not in the report): m times
 as many groups are drawn and scored, and the update takes `prompts_per_iter`
 of them, those whose k rewards differ first; the rest are dropped once their
 success rates have reached the prompt sampler.
+
+Image prompts (vision-text joint RL): a prompt's images travel with every
+sampler request of its group and with its training rows (`ctx.prompt`);
+the prompt set mixes text and image problems as the task gives them.
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k15 import curriculum, faults, objective, rollout, sharding, train
+from k15 import curriculum, faults, objective, rollout, sharding, train, vision
+from k15 import images as images_lib
 from k15 import rewards as rewards_lib
 from k15 import sampler as sampler_lib
-from k15 import tokenizer as tokenizer_lib
-from k15.stages import common
+from k15.stages import common, sft
 
 SEED = 22  # the rng stream of the iterations' sampling
 _LOSS_KEYS = (
@@ -51,6 +55,7 @@ _LOSS_KEYS = (
   "behaviour_logp_BxT",
   "ref_logp_BxT",
   "advantages_B",
+  *vision.IMAGE_KEYS,
 )
 
 
@@ -130,7 +135,7 @@ def _carry(ctx: common.Context, state: train.TrainState) -> Carry:
 
 def _start(ctx: common.Context, states) -> Carry:
   # a copy: updates donate their input, and control starts from SFT too
-  return _carry(ctx, jax.tree.map(jnp.copy, states["sft"]))
+  return _carry(ctx, jax.tree.map(jnp.copy, states[sft.warmup(ctx.s)]))
 
 
 def _resume(ctx: common.Context, tree: dict, host: dict) -> Carry:
@@ -199,6 +204,8 @@ def iteration(ctx: common.Context, carry: Carry, it: int):
   idx, prompts = _new_prompts(ctx, it, n_new, carry.prompts)
   buffer.start(idx, prompts, it, [gen.max_response(len(q)) for q in prompts])
   todo, reqs = buffer.requests()
+  reqs = [dataclasses.replace(q, images=ctx.prompt("rl", g.problem)[1])
+          for (g, _), q in zip(todo, reqs, strict=True)]  # fmt: skip
   carried_in = sum(len(q.prefix) > 0 for q in reqs)
   gens = rollout.generate_segments(
     carry.state.params,
@@ -248,11 +255,7 @@ def iteration(ctx: common.Context, carry: Carry, it: int):
 
 def _new_prompts(ctx, it: int, n: int, prompt_sampler):
   idx = prompt_sampler.sample(it, n) if n else np.zeros(0, np.int64)
-  prompts = [
-    ctx.tok.encode(tokenizer_lib.format_prompt(ctx.problems["rl"][i].question))
-    for i in idx
-  ]
-  return idx, prompts
+  return idx, [ctx.prompt("rl", int(i))[0] for i in idx]
 
 
 def group_rewards(
@@ -398,16 +401,25 @@ def _layout(ctx, it: int, trained, adv_GxK: np.ndarray):
   retrace per iteration."""
   ro = ctx.s.rollout
   longest = max(len(t.response) for g in trained for t in g.members)
-  return rollout.training_batch(
+  rows = ro.prompts_per_iter * ro.k
+  batch, old_BxT = rollout.training_batch(
     trained,
     adv_GxK,
     iteration=it,
     prompt_len=ro.prompt_len,
     response_len=ro.response_len(longest),
-    rows=ro.prompts_per_iter * ro.k,
+    rows=rows,
     pad_id=ctx.tok.pad_id,
     loss_segments=ro.loss_segments,
   )
+  n_real = len(trained) * ro.k
+  imgs = images_lib.pack_or_none(
+    [ctx.prompt("rl", g.problem)[1] for g in trained for _ in range(ro.k)]
+    + [None] * (rows - n_real),
+    ctx.s.model.vision,
+  )
+  batch.update(imgs or {})
+  return batch, old_BxT
 
 
 def reference_logp(ctx, state, batch: dict, n_real: int) -> np.ndarray:
@@ -428,12 +440,16 @@ def dispatch_reference_logp(ctx, state, batch: dict, n_real: int) -> list:
     if j * mb >= n_real:  # padding rows only
       ref.append(np.zeros((mb,) + batch["tokens_BxT"].shape[1:], np.float32))
       continue
+    imgs = vision.images_of(batch)
     ref.append(
       train.score(
         state.params,
         ctx.shard(batch["tokens_BxT"][sl]),
         ctx.shard(batch["seg_BxT"][sl]),
         model=ctx.s.model,
+        images=None if imgs is None else ctx.shard(
+          {k: v[sl] for k, v in imgs.items()}
+        ),
       )
     )
   return ref
@@ -508,7 +524,7 @@ def _metrics(ctx, it, groups, trained, sc: Scored, batch, old_BxT,
 
 STAGE = common.Stage(
   name="rl",
-  needs=("sft",),
+  needs=lambda s: (sft.warmup(s),),
   num_steps=lambda s: s.rl.iterations,
   save_every=lambda s: s.ckpt.every,
   start=_start,

@@ -8,7 +8,9 @@ schema for math and code rows and for the RL, SFT and held-out sets): its
 rows carry their own reward kinds ("math", "code", "exact", ...), mixed
 by file weights. `task.make` names generators (`k15.tasks.make_data`) that
 write such files when they are missing.
-"""
+
+`task.name="visual"` mixes text and image problems (`visual.VisualConfig`
+is its `task.visual` section)."""
 
 import dataclasses
 import importlib
@@ -17,7 +19,9 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-TASKS = ("arithmetic", "chains")  # the synthetic generators
+from k15.tasks.visual import VisualConfig
+
+TASKS = ("arithmetic", "chains", "visual")  # the generators
 NAMES = (*TASKS, "jsonl")
 SPLITS = ("sft", "rl", "eval")
 
@@ -62,6 +66,7 @@ class TaskConfig:
   default_kind: str = "math"
   on_error: str = "fail"
   difficulty: str = "auto"
+  visual: VisualConfig | None = None  # task.name="visual": the mix
 
   def __post_init__(self):
     if self.name not in NAMES:
@@ -135,6 +140,8 @@ class TaskConfig:
       max_steps=self.max_steps, ops=self.ops,
       sft_max_steps=self.sft_max_steps, max_operand=self.max_operand,
       sft_noise=self.sft_noise, checks=self.checks,
+      **({"visual": self.visual or VisualConfig()}
+         if self.name == "visual" else {}),
     )  # fmt: skip
 
   def _jsonl_splits(self, workdir: str) -> dict[str, list]:

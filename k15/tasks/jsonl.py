@@ -25,6 +25,12 @@ One JSON object per line:
 - `domain` (optional): a name for per-domain metrics (letters, digits and
   `_`; default "code" for code rows, else "math");
 - `trace` (optional): a string, the response the SFT warm-up imitates;
+- `image` (optional): an image file path, or a list of them, relative to
+  the JSONL file's directory, one per `<image>` marker of the question
+  (`k15.images`): a path that is not there, or a marker count that differs,
+  is a bad row naming the line and the image. The pixels themselves are
+  checked when the row's prompt is encoded (`images.encode_prompt`, whose
+  errors name the row too);
 - other fields pass through unchanged (ids, metadata).
 
 `load_problems` reads several files into `Problem`s (what a run's task
@@ -46,6 +52,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,6 +61,7 @@ from k15.rewards import code as code_reward
 
 KINDS = ("exact", "math", "code", "cot_rm", "scalar_rm")  # = k15.rewards.KINDS
 ON_ERROR = ("fail", "skip")
+IMAGE_MARKER = "<image>"  # = k15.images.MARKER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +254,7 @@ def _row(
       f"field 'difficulty_pass_rate'={pass_rate!r} should be a number in "
       "[0, 1]",
     )
+  _check_images(row, question, os.path.dirname(cfg.path))
   if cfg.max_prompt_tokens:
     n = count_tokens(question)
     if n > cfg.max_prompt_tokens:
@@ -326,6 +335,23 @@ def _test_shape(t: Any) -> str | None:
     ok = isinstance(t["input"], str) and isinstance(t["output"], str)
     return "stdio" if ok else None
   return None
+
+
+def _check_images(row: dict[str, Any], question: str, base_dir: str) -> None:
+  field = row.get("image")
+  paths = [] if field is None else [field] if isinstance(field, str) else field
+  if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+    raise _BadRow("bad_image", "field 'image' should be a path or a list of "
+                  f"paths, got {_type(field)}")  # fmt: skip
+  for i, p in enumerate(paths):
+    full = os.path.join(base_dir, p)
+    if not os.path.isfile(full):
+      raise _BadRow("bad_image", f"image {i}: image file {full} does not "
+                    "exist")  # fmt: skip
+  markers = question.count(IMAGE_MARKER)
+  if paths and markers != len(paths):
+    raise _BadRow("bad_image", f"the question has {markers} {IMAGE_MARKER} "
+                  f"markers but the row has {len(paths)} images")  # fmt: skip
 
 
 def _answer(row: dict[str, Any], kind: str) -> str:

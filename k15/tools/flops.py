@@ -17,6 +17,7 @@ import math
 import jax.extend as jex
 
 from k15 import model as model_lib
+from k15 import vision
 
 
 def count_flops(jaxpr, num_devices: int) -> float:
@@ -85,8 +86,19 @@ def analytic_flops(
   per row at the full cache length S: 2 * N * B + 4 * B * H * Dh * S * L.
   N counts matmul weights: q, k, v, o, gate, up, down and the output layer
   (not norms, biases or the embedding lookup; prefill applies the output
-  layer to the last token only).
+  layer to the last token only). With a tower, update and prefill add its
+  forward (`vision.tower_flops`, x3 for update) over every patch slot.
   """
+  tower = 0.0  # the vision tower + projector over every row's patch slots
+  if m.vision is not None and kind in ("update", "prefill"):
+    tower = vision.tower_flops(m.vision, m.d_model, rows)
+    tower *= 3.0 if kind == "update" else 1.0
+  return tower + _decoder_flops(m, kind, rows, length)
+
+
+def _decoder_flops(
+  m: model_lib.ModelConfig, kind: str, rows: int, length: int
+) -> float:
   D, V, L = m.d_model, m.vocab_size, m.num_layers
   hd = m.num_heads * m.head_dim
   n_body = L * (

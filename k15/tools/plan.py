@@ -206,10 +206,16 @@ def programs(s: pipeline.Settings) -> dict[str, tuple[tuple[int, ...], ...]]:
   out = dict(s.rollout.gen.shapes())
   for name, shapes in s.eval.gen(ro.gen).shapes().items():  # max_response
     out[name] = tuple(sorted(set(out[name]) | set(shapes)))
-  if {"sft", "control"} & set(s.stages):
-    out["sft_step"] = tuple(
-      (s.sft.batch_size, ro.prompt_len + n) for n in sft.response_lens(ro)
-    )
+  # the supervised stages (the tower warm-up and joint SFT with a tower)
+  sup = [getattr(s, n) for n in ("sft", "tower", "joint")
+         if n in s.stages and getattr(s, n, None) is not None]  # fmt: skip
+  if "control" in s.stages:
+    sup.append(s.sft)
+  if sup:
+    out["sft_step"] = tuple(sorted({
+      (c.batch_size, ro.prompt_len + n)
+      for c in sup for n in sft.response_lens(ro)
+    }))  # fmt: skip
   if "rl" in s.stages:
     rows = rl.minibatch_rows(s)
     upd = tuple((rows, ro.prompt_len + n) for n in ro.response_lens())
@@ -271,6 +277,23 @@ def _abstract_state(model, tx, mesh) -> train.TrainState:
   )
 
 
+def _images(model, mesh, rows: int) -> dict:
+  """The tower's inputs for `rows` rows (k15.vision.IMAGE_KEYS), or {}."""
+  v = model.vision
+  if v is None:
+    return {}
+  shapes = dict(pixels_BxNxX=((rows, v.max_patches, v.patch_pixels),
+                              jnp.float32),
+                patch_pos_BxNx2=((rows, v.max_patches, 2), jnp.int32),
+                patch_img_BxN=((rows, v.max_patches), jnp.int32))  # fmt: skip
+  return {
+    k: jax.ShapeDtypeStruct(
+      sh, dt, sharding=sharding.batch_sharding(mesh, len(sh))
+    )
+    for k, (sh, dt) in shapes.items()
+  }
+
+
 def _plan_update(
   state, s: pipeline.Settings, tx, mesh, rows: int, T: int, options
 ) -> Phase:
@@ -290,6 +313,7 @@ def _plan_update(
     ref_logp_BxT=arr(BT, jnp.float32),
     advantages_B=arr(B, jnp.float32),
   )
+  batch.update(_images(s.model, mesh, rows))
   t0 = time.time()
   traced = train.update_step.trace(
     state, batch, model=s.model, tx=tx, loss_cfg=s.rl
@@ -334,8 +358,9 @@ def _plan_sampler(
 
   t0 = time.time()
   traced = sampler.prefill.trace(
-    params, prompts, prompts, key, budget=budget, cache_len=cache_len, **kw
-  )
+    params, prompts, prompts, key, budget=budget, cache_len=cache_len,
+    images=_images(s.model, mesh, B) or None, **kw,
+  )  # fmt: skip
   compiled = traced.lower().compile(compiler_options=options)
   dt = time.time() - t0
   mem = compiled.memory_analysis()
