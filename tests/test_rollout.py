@@ -2,6 +2,7 @@
 sampler calls without retracing, training rows; the sampler's per-row
 length limit, padding rows and inverse-CDF sampling that it relies on."""
 
+import concurrent.futures
 import functools
 import json
 
@@ -13,6 +14,7 @@ import pytest
 
 from k15 import model as model_lib
 from k15 import rewards, rollout, sampler, sampling
+from k15 import tokenizer as tokenizer_lib
 from k15.sampler import BUDGET, MAX_LEN, STOPPED
 from k15.stages import rl
 
@@ -636,6 +638,10 @@ def _toy_run(loss_segments: str, **rollout_kw):
     s=s,
     rng=lambda seed, step: jax.random.fold_in(jax.random.key(7), step),
     problems={"rl": problems},
+    # common.Context.prompt for text problems: ids, no images
+    prompt=lambda split, i: (
+      tok.encode(tokenizer_lib.format_prompt(problems[i].question)), None
+    ),
     tok=tok,
     sampling=dataclasses.replace(s.sampler, stop_tokens=(1,)),
     shard=lambda tree: tree,
@@ -718,14 +724,19 @@ def test_dynamic_sampling_scores_more_groups_than_it_trains(monkeypatch):
 
   r, state = _toy_run("all", partial=False, oversample=3)
 
-  def score(rows, responses, finished, *, pool, judge):
+  def submit(rows, responses, finished):
     # k=2 rows per group, in order: groups 0, 4, 8 get rewards (1, 0)
     i = np.arange(len(rows))
     ok = (i % 2 == 0) & (i // 2 % 4 == 0)
     results = [rewards.RewardResult(float(x), bool(x), "ok") for x in ok]
-    return rewards.RewardBatch(tuple(results), ("arithmetic",) * len(i), {})
+    done = concurrent.futures.Future()
+    done.set_result(
+      rewards.RewardBatch(tuple(results), ("arithmetic",) * len(i), {})
+    )
+    return done
 
-  monkeypatch.setattr(rl.rewards_lib, "score", score)
+  # the RL stage scores through its pool's submit (rewards in a thread)
+  monkeypatch.setattr(r.rewards, "submit", submit)
   difficulty = np.array([p.difficulty for p in r.problems["rl"]])
   ps = curriculum.PromptSampler(difficulty, r.s.data, 0)
   buf = rollout.RolloutBuffer(2, partial=False)

@@ -78,6 +78,11 @@ class TaskConfig:
       raise ValueError(f"task.sft_noise={self.sft_noise} must be in [0, 1]")
     if self.checks < 0:
       raise ValueError(f"task.checks={self.checks} must be >= 0")
+    if self.checks and self.name not in ("arithmetic", "chains"):
+      raise ValueError(
+        f"task.checks={self.checks}: the long-CoT check format exists for "
+        f"the arithmetic and chains tasks, not task.name={self.name!r}"
+      )
     if self.name == "jsonl":
       self._check_jsonl()
 
@@ -139,9 +144,9 @@ class TaskConfig:
       num_eval=self.num_eval, min_steps=self.min_steps,
       max_steps=self.max_steps, ops=self.ops,
       sft_max_steps=self.sft_max_steps, max_operand=self.max_operand,
-      sft_noise=self.sft_noise, checks=self.checks,
+      sft_noise=self.sft_noise,
       **({"visual": self.visual or VisualConfig()}
-         if self.name == "visual" else {}),
+         if self.name == "visual" else {"checks": self.checks}),
     )  # fmt: skip
 
   def _jsonl_splits(self, workdir: str) -> dict[str, list]:
