@@ -91,6 +91,8 @@ def get_config(arg=None):
   c.mesh = dict(data=-1, fsdp=8, tensor=4, context=2)
   c.ckpt = dict(every=5, keep=3, async_save=True)
   c.eval = dict(num_samples=8, temperature=1.0, greedy=False)
+  # eval.every > 0: RL also evaluates every N iterations (held-out curves)
+  c.eval.update(every=0, every_problems=64)
   c.init = arg.init  # HF checkpoint dir to start from ("" = random init)
 
   if arg.runlocal:

@@ -92,6 +92,8 @@ def get_config(arg=None):
   c.ckpt = dict(every=10, keep=3, async_save=True)
   c.eval = dict(num_samples=4, temperature=1.0, greedy=True,
                 max_response=64)
+  # eval.every > 0: RL also evaluates every N iterations (held-out curves)
+  c.eval.update(every=0, every_problems=64)
   c.merge = dict(models=(), alpha=0.5)
   c.rs = dict(n=8, num_prompts=512, steps=100, batch_size=32, lr=1e-3,
               eps=1e-8, temperature=1.0)

@@ -72,6 +72,8 @@ def get_config(arg=None):
   c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
   c.ckpt = dict(every=10, keep=3, async_save=True)
   c.eval = dict(num_samples=4, temperature=1.0, greedy=True)
+  # eval.every > 0: RL also evaluates every N iterations (held-out curves)
+  c.eval.update(every=0, every_problems=64)
   # every seed must clear these (k15.sweep checks them)
   c.targets = dict(rl_minus_sft_pass1_math=0.1, rl_minus_sft_pass1_code=0.1,
                    rl_minus_control_pass1_math=0.1,

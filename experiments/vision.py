@@ -78,6 +78,8 @@ def get_config(arg=None):
   c.mesh = dict(data=-1, fsdp=1, tensor=1, context=1)
   c.ckpt = dict(every=10, keep=3, async_save=True)
   c.eval = dict(num_samples=4, temperature=1.0, greedy=True)
+  # eval.every > 0: RL also evaluates every N iterations (held-out curves)
+  c.eval.update(every=0, every_problems=64)
 
   if arg.runlocal:
     c.task.update(num_sft=160, num_rl=320, num_eval=40)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 
@@ -37,10 +38,20 @@ class EvalConfig:
   # rollout's limit (long2short RL trains under a much smaller one, and is
   # judged like the models it is compared with); 0: the rollout's
   max_response: int = 0
+  # > 0: the RL stage also evaluates every `every` iterations (metrics
+  # "heldout/..."), on the first `every_problems` held-out problems (0: the
+  # same set as the final evaluation), so a run has curves, not one point
+  every: int = 0
+  every_problems: int = 64
 
   def __post_init__(self):
     if self.num_samples < 1:
       raise ValueError(f"eval.num_samples={self.num_samples} must be >= 1")
+    if self.every < 0:
+      raise ValueError(f"eval.every={self.every} must be >= 0")
+    if self.every_problems < 0:
+      raise ValueError(
+          f"eval.every_problems={self.every_problems} must be >= 0")
     if self.max_response < 0:
       raise ValueError(
           f"eval.max_response={self.max_response} must be >= 0")
@@ -121,7 +132,10 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
   correct_PxN = sampled.result().scores.reshape(len(problems), n)
   lengths = np.array([len(g.response) for g in gens], np.float32)
   out = dict(pass1=float(correct_PxN.mean()),
+             **{f"pass{k}": float(pass_at_k(correct_PxN, k).mean())
+                for k in _powers_of_two(2, n)},
              mean_length=float(lengths.mean()),
+             p95_length=float(np.percentile(lengths, 95)),
              finished=float(np.mean([g.status == sampler.STOPPED
                                      for g in gens])))
   diffs = np.array([getattr(p, "difficulty", 0) for p in problems])
@@ -137,6 +151,25 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
     out["greedy_acc"] = float(greedy_P.mean())
   out["acc_per_1k_tokens"] = out["pass1"] / max(out["mean_length"], 1) * 1e3
   return out
+
+
+def pass_at_k(correct_PxN: np.ndarray, k: int) -> np.ndarray:
+  """Per problem, the unbiased pass@k of n >= k samples with c correct:
+  1 - C(n - c, k) / C(n, k) (Chen et al. 2021), the chance that at least
+  one of k samples drawn without replacement is correct."""
+  n = correct_PxN.shape[1]
+  if not 1 <= k <= n:
+    raise ValueError(f"pass@{k} needs 1 <= k <= n={n} samples")
+  c = (correct_PxN > 0).sum(axis=1)
+  out = np.ones(len(c))
+  for i, ci in enumerate(c):
+    if n - ci >= k:  # else every draw of k holds a correct one
+      out[i] = 1.0 - math.comb(n - int(ci), k) / math.comb(n, k)
+  return out
+
+
+def _powers_of_two(lo: int, hi: int) -> list[int]:
+  return [2**j for j in range(hi.bit_length()) if lo <= 2**j <= hi]
 
 
 def per_task(correct_PxN: np.ndarray, problems: Sequence,

@@ -17,6 +17,8 @@ from k15 import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "experiments/tiny.py:runlocal"
+# held-out curves: RL evaluates 8 problems after every 2nd iteration
+EVERY = ("--config.eval.every=2", "--config.eval.every_problems=8")
 
 
 def _main(*args, timeout=600):
@@ -53,10 +55,10 @@ def _snapshot(d):
 def runs(tmp_path_factory):
   """The command twice in one workdir: a fresh run, then a rerun."""
   d = str(tmp_path_factory.mktemp("main") / "run")
-  first, t1 = _main("--config", CONFIG, "--workdir", d)
+  first, t1 = _main("--config", CONFIG, "--workdir", d, *EVERY)
   assert first.returncode == 0, _tail(first)
   snap1 = _snapshot(d)
-  second, t2 = _main("--config", CONFIG, "--workdir", d)
+  second, t2 = _main("--config", CONFIG, "--workdir", d, *EVERY)
   assert second.returncode == 0, _tail(second)
   return dict(
     dir=d,
@@ -116,6 +118,12 @@ def test_run_writes_metrics_and_tensorboard(runs):
     "gen_tokens_per_s",
   ):
     assert all(key in r for r in rl), key
+  # eval.every=2 of 3 iterations: held-out metrics after iteration 2 only
+  held = {r["step"]: r for r in rl if "heldout/pass1" in r}
+  assert list(held) == [2], [r["step"] for r in rl]
+  for key in ("pass1", "pass2", "greedy_acc", "mean_length", "p95_length"):
+    assert 0 <= held[2][f"heldout/{key}"] <= (1e9 if "length" in key else 1)
+  assert held[2]["heldout/pass2"] >= held[2]["heldout/pass1"]
   evals = [r for r in recs if r["stage"] == "eval"]
   assert {k.split("/")[0] for r in evals for k in r if "/" in k} == {
     "sft",
@@ -128,7 +136,8 @@ def test_run_writes_metrics_and_tensorboard(runs):
   )
   assert events, os.listdir(d)
   blob = b"".join(open(e, "rb").read() for e in events)
-  for tag in (b"sft/loss", b"rl/reward", b"rl/accuracy", b"control/loss"):
+  for tag in (b"sft/loss", b"rl/reward", b"rl/accuracy", b"control/loss",
+              b"rl/heldout/pass1"):
     assert tag in blob, tag
 
 

@@ -113,7 +113,14 @@ class Context:
       os.path.join(self.workdir, "ckpt", stage), self.s.ckpt
     )
 
-  def evaluate(self, params) -> dict[str, float]:
+  def evaluate(self, params, max_problems: int | None = None
+               ) -> dict[str, float]:  # fmt: skip
+    """Held-out metrics (`evaluate.evaluate`), the same draws every call;
+    `max_problems`: only the first ones (the RL stage's periodic eval)."""
+    cfg = self.s.eval
+    if max_problems:
+      cfg = dataclasses.replace(cfg, max_problems=min(
+        max_problems, cfg.max_problems or max_problems))  # fmt: skip
     return evaluate.evaluate(
       params,
       self.problems["eval"],
@@ -122,7 +129,7 @@ class Context:
       model=self.s.model,
       sampling=self.sampling,
       gen=self.s.rollout.gen,
-      cfg=self.s.eval,
+      cfg=cfg,
       pool=self.rewards,
       shard_fn=self.shard,
     )

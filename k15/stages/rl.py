@@ -522,6 +522,20 @@ def _metrics(ctx, it, groups, trained, sc: Scored, batch, old_BxT,
   )
 
 
+def step(ctx: common.Context, carry: Carry, it: int):
+  """RL iteration `it`, then, every `eval.every` iterations, the held-out
+  metrics of the updated policy on the first `eval.every_problems`
+  problems as "heldout/<metric>" (curves over iterations)."""
+  carry, m, skipped = iteration(ctx, carry, it)
+  every = ctx.s.eval.every
+  if every and (it + 1) % every == 0:
+    t0 = time.time()
+    held = ctx.evaluate(carry.state.params, ctx.s.eval.every_problems)
+    m = {**m, **{f"heldout/{k}": v for k, v in held.items()},
+         "heldout/time": time.time() - t0}  # fmt: skip
+  return carry, m, skipped
+
+
 STAGE = common.Stage(
   name="rl",
   needs=lambda s: (sft.warmup(s),),
@@ -529,7 +543,7 @@ STAGE = common.Stage(
   save_every=lambda s: s.ckpt.every,
   start=_start,
   resume=_resume,
-  step=iteration,
+  step=step,
   save=_save,
   abstract=_abstract,
   progress=_progress,
