@@ -47,6 +47,13 @@ class OptimConfig:
   grad_clip: float = 1.0  # global norm; 0 = off
   warmup_steps: int = 0  # linear warm-up (counted from each reset)
 
+  def overridden(self, lr: float = 0.0, eps: float = 0.0) -> OptimConfig:
+    """This config with a stage section's lr / eps where they are > 0 (the
+    supervised, rs and dpo sections each may set their own)."""
+    return dataclasses.replace(
+      self, lr=lr if lr > 0 else self.lr, eps=eps if eps > 0 else self.eps
+    )
+
 
 @flax.struct.dataclass
 class TrainState:

@@ -67,11 +67,7 @@ class DPOStageConfig(objective.DPOConfig):
       raise ValueError(f"dpo.temperature={self.temperature} must be > 0")
 
   def optim(self, optim: train.OptimConfig) -> train.OptimConfig:
-    return dataclasses.replace(
-      optim,
-      lr=self.lr if self.lr > 0 else optim.lr,
-      eps=self.eps if self.eps > 0 else optim.eps,
-    )
+    return optim.overridden(self.lr, self.eps)
 
 
 @dataclasses.dataclass(frozen=True)

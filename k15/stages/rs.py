@@ -52,11 +52,7 @@ class RSConfig:
       raise ValueError(f"rs.temperature={self.temperature} must be > 0")
 
   def optim(self, optim: train.OptimConfig) -> train.OptimConfig:
-    return dataclasses.replace(
-      optim,
-      lr=self.lr if self.lr > 0 else optim.lr,
-      eps=self.eps if self.eps > 0 else optim.eps,
-    )
+    return optim.overridden(self.lr, self.eps)
 
 
 @functools.cache

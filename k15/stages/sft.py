@@ -51,11 +51,7 @@ class SFTConfig:
 
   def optim(self, optim: train.OptimConfig) -> train.OptimConfig:
     """`optim` with this section's lr / eps where given."""
-    return dataclasses.replace(
-      optim,
-      lr=self.lr if self.lr > 0 else optim.lr,
-      eps=self.eps if self.eps > 0 else optim.eps,
-    )
+    return optim.overridden(self.lr, self.eps)
 
 
 @dataclasses.dataclass(frozen=True)
