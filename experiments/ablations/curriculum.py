@@ -50,7 +50,8 @@ def get_config(arg=None):
     transition = 1
   else:
     c.rl.iterations = arg.iterations
-  c.data = dict(
+  # update, not replace: tiny's data.balance=True stays on in both arms
+  c.data.update(
     strategy=arg.strategy,
     transition_iter=transition,
     hard_min=arg.hard_min or c.task.max_steps - 1,

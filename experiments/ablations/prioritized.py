@@ -38,5 +38,6 @@ def get_config(arg=None):
   )
   c.name = f"ablation_prioritized_{arg.strategy}"
   c.stages = ("sft", "rl")
-  c.data = dict(strategy=arg.strategy, floor=arg.floor, prior=arg.prior)
+  # update, not replace: tiny's data.balance=True stays on in every arm
+  c.data.update(strategy=arg.strategy, floor=arg.floor, prior=arg.prior)
   return c

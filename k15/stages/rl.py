@@ -525,15 +525,23 @@ def _metrics(ctx, it, groups, trained, sc: Scored, batch, old_BxT,
 def step(ctx: common.Context, carry: Carry, it: int):
   """RL iteration `it`, then, every `eval.every` iterations, the held-out
   metrics of the updated policy on the first `eval.every_problems`
-  problems as "heldout/<metric>" (curves over iterations)."""
-  carry, m, skipped = iteration(ctx, carry, it)
+  problems as "heldout/<metric>" (curves over iterations). Before the
+  first iteration the starting policy's are written as step 0, so a curve
+  starts where RL does."""
   every = ctx.s.eval.every
+  if every and it == 0:
+    ctx.writer.write("rl", 0, _heldout(ctx, carry.state.params))
+  carry, m, skipped = iteration(ctx, carry, it)
   if every and (it + 1) % every == 0:
-    t0 = time.time()
-    held = ctx.evaluate(carry.state.params, ctx.s.eval.every_problems)
-    m = {**m, **{f"heldout/{k}": v for k, v in held.items()},
-         "heldout/time": time.time() - t0}  # fmt: skip
+    m = {**m, **_heldout(ctx, carry.state.params)}
   return carry, m, skipped
+
+
+def _heldout(ctx: common.Context, params) -> dict[str, float]:
+  t0 = time.time()
+  held = ctx.evaluate(params, ctx.s.eval.every_problems)
+  return {**{f"heldout/{k}": v for k, v in held.items()},
+          "heldout/time": time.time() - t0}  # fmt: skip
 
 
 STAGE = common.Stage(
