@@ -15,7 +15,7 @@ checkpoints (`config.init` = ROOT/<arm>:<stage>[@step]):
   curriculum  md until iteration 32, then only the hardest chains (5-6
               steps): md:rl@32 continued for 32 iterations     (Fig. 9)
   small_sft   the warm-up of a smaller model (d_model 64: 0.13M parameters
-              against md's 0.40M)                              (Fig. 8)
+              against md's 0.50M)                              (Fig. 8)
   small       mirror-descent RL of the small model             (Fig. 8)
 
 The continued arms share the md run up to their switch, as the report's

@@ -383,12 +383,13 @@ def fig6(runs, path: str, **_):
                 alpha=0.8, label="checkpoints (mean ± std)")  # fmt: skip
     slope, icpt = _fit(lm, am)
     ss = np.array([s * 100 for s in slopes(md, suf)])
-    sd = np.nanstd(ss, ddof=1) if len(ss) > 1 else 0.0
+    ss = ss[~np.isnan(ss)]  # a seed whose lengths did not move has no fit
+    sd = ss.std(ddof=1) if len(ss) > 1 else 0.0
     if not np.isnan(slope):
       xs = np.linspace(np.nanmin(lm), np.nanmax(lm), 10)
       ax.plot(xs, slope * xs + icpt, "k--", label=(
         f"fit: {slope * 100:+.2f} / 100 tok (seeds "
-        f"{np.nanmean(ss):+.2f} ± {sd:.2f})"))  # fmt: skip
+        f"{ss.mean() if len(ss) else np.nan:+.2f} ± {sd:.2f})"))  # fmt: skip
     ax.set_title(title)
     ax.set_xlabel("mean response tokens")
     ax.set_ylabel("pass@1")
@@ -608,7 +609,8 @@ def markdown(out: dict[str, Any]) -> str:
   for paper, ours in out["claims"]:
     lines += [f"- report: {paper}", f"- k15: {ours}"]
   lines += ["", f"Compute: {len(out['runs'])} runs, {w / 60:.1f} min of "
-            "run wall time summed over them (see runs' wall_time.json)."]
+            "wall time summed over them (each run's wall_time.json; with "
+            "--jobs N, N of them ran at once)."]
   return "\n".join(lines) + "\n"
 
 
