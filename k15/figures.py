@@ -632,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   a = p.parse_args(argv)
   figs = list(FIGURES) if a.figure == "all" else [a.figure]
   try:
+    _plt()  # before any run: the figures need matplotlib
     seeds = sweep.parse_seeds(a.seeds)
     command = "python -m k15.figures " + " ".join(argv or sys.argv[1:])
     t0 = time.time()
