@@ -133,6 +133,7 @@ def run_arms(config: str, workdir: str, seeds: Sequence[int],
   its workdir's wall_time.json). A failed run stops the rest and raises
   with the end of its log."""
   deps = experiment(config).ARMS
+  check_size(workdir, runlocal)
   todo = [(s, a) for s in seeds for a in needed(arms, deps)]
   running: dict[tuple[int, str], tuple[subprocess.Popen, float, Any]] = {}
   walls: dict[str, float] = {}
@@ -178,6 +179,27 @@ def run_arms(config: str, workdir: str, seeds: Sequence[int],
     if running:
       time.sleep(1.0)
   return walls
+
+
+def check_size(workdir: str, runlocal: bool) -> None:
+  """Records the size (runlocal or full) a workdir's runs are made at, and
+  refuses the other one: finished runs are read back, so a smoke run into
+  a full-size workdir would otherwise be drawn as if it were full size."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "figures_size.json")
+  size = "runlocal" if runlocal else "full"
+  if os.path.exists(path):
+    with open(path) as f:
+      made = json.load(f)["size"]
+    if made != size:
+      raise ValueError(
+        f"{workdir} holds {made}-size runs; this command asks for {size} "
+        f"({'drop' if made == 'full' else 'add'} --runlocal, or use another "
+        "--workdir)"
+      )
+    return
+  with open(path, "w") as f:
+    json.dump({"size": size}, f)
 
 
 def _wall(path: str, dt: float) -> float:
@@ -582,6 +604,7 @@ def figure(fig: str, workdir: str, seeds: Sequence[int], *,
   runlocal size or not): its PNG, CSV and markdown; returns what the
   markdown says."""
   exp = experiment(config)
+  check_size(workdir, runlocal)
   arms = FIGURES[fig]
   at = exp.switch(runlocal)
   runs = {a: [curve(workdir, s, a, exp, at) for s in seeds] for a in arms}

@@ -118,6 +118,7 @@ def fake(tmp_path_factory):
                                for i in range(3)})
     for arm in ("sft", "small_sft"):
       _fake_run(w, seed, arm, {})
+  figures.check_size(w, runlocal=True)
   return w
 
 
@@ -180,6 +181,14 @@ def test_cli_plot_only(fake, capsys):
   assert figures.main(["fig9", "--workdir", fake, "--seeds", "0,1",
                        "--runlocal", "--plot_only", "--config", EXP]) == 0
   assert "curriculum - uniform" in capsys.readouterr().out
+
+
+def test_a_workdir_keeps_one_size(fake):
+  # the fixture's runs were drawn at the runlocal size
+  with pytest.raises(ValueError, match="holds runlocal-size runs"):
+    figures.figure("fig5", fake, [0, 1], config=EXP, runlocal=False)
+  assert figures.main(["fig5", "--workdir", fake, "--seeds", "0,1",
+                       "--plot_only", "--config", EXP]) == 1
 
 
 def test_missing_heldout_records_are_named(fake, tmp_path):
