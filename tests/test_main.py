@@ -126,9 +126,15 @@ def test_run_writes_metrics_and_tensorboard(runs):
   # eval.every=2 of 3 iterations: held-out metrics after iteration 2 only
   held = {r["step"]: r for r in rl if "heldout/pass1" in r}
   assert list(held) == [2], [r["step"] for r in rl]
-  for key in ("pass1", "pass2", "greedy_acc", "mean_length", "p95_length",
-              "mean_length_d2", "p95_length_d2"):
+  for key in ("pass1", "pass2", "greedy_acc", "mean_length", "p95_length"):
     assert 0 <= held[2][f"heldout/{key}"] <= (1e9 if "length" in key else 1)
+  # per chain length: pass@1 with its bucket's mean and p95 length
+  buckets = [k[len("heldout/pass1_d"):] for k in held[2]
+             if k.startswith("heldout/pass1_d")]
+  assert buckets
+  for d in buckets:
+    assert (held[2][f"heldout/mean_length_d{d}"]
+            <= held[2][f"heldout/p95_length_d{d}"])
   assert held[2]["heldout/pass2"] >= held[2]["heldout/pass1"]
   evals = [r for r in recs if r["stage"] == "eval"]
   assert {k.split("/")[0] for r in evals for k in r if "/" in k} == {
