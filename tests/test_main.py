@@ -132,9 +132,9 @@ def test_run_writes_metrics_and_tensorboard(runs):
   buckets = [k[len("heldout/pass1_d"):] for k in held[2]
              if k.startswith("heldout/pass1_d")]
   assert buckets
-  for d in buckets:
-    assert (held[2][f"heldout/mean_length_d{d}"]
-            <= held[2][f"heldout/p95_length_d{d}"])
+  for b in buckets:
+    assert (held[2][f"heldout/mean_length_d{b}"]
+            <= held[2][f"heldout/p95_length_d{b}"])
   assert held[2]["heldout/pass2"] >= held[2]["heldout/pass1"]
   evals = [r for r in recs if r["stage"] == "eval"]
   assert {k.split("/")[0] for r in evals for k in r if "/" in k} == {
