@@ -163,3 +163,10 @@ def test_load_base_from_any_directory(tmp_path, monkeypatch):
   )
   with pytest.raises(FileNotFoundError):
     config_lib.load_base("experiments/nope.py")
+
+
+@pytest.mark.parametrize("name,arg", VARIANTS)
+def test_every_arm_keeps_tinys_balanced_sampling(name, arg):
+  # an ablation that replaces c.data wholesale drops tiny's balance=True,
+  # and its baseline arm is then not tiny's tuned run
+  assert _load(name, arg).data.balance is True
