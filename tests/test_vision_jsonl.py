@@ -1,9 +1,11 @@
 """Image rows in JSONL prompt files reach every stage: a mixed file (text
 rows, rows with one .npy or .png image, a row with two) through
-experiments/vision.py:runlocal with `task.name="jsonl"` (sft -> tower ->
-rl): the tower trains on the image rows, RL's batches and every evaluation
-carry their patches (pass1_text / pass1_image), and a bad image stops the
-run naming its file:line."""
+experiments/vision.py:runlocal,prompts=DIR (`task.name="jsonl"`; sft ->
+rl): the warm-up's batches (half image rows), RL's and every
+evaluation's carry the image rows' patches (pass1_text / pass1_image), and
+a bad image stops the run naming its file:line. (The tower and joint
+stages read their rows as sft does, `sft.dataset`; sft takes 0 steps here
+to keep the test short: test_hf_vision trains on image batches.)"""
 
 import json
 import os
@@ -14,48 +16,38 @@ import pytest
 from k15 import config_lib, pipeline, vision
 from k15 import images as images_lib
 from k15 import model as model_lib
+from k15.stages import sft
 from k15.tasks import jsonl, visual
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELL = 6  # experiments/vision.py's patch
 
 
-def _write_split(d, split, problems):
-  """A prompt file of `problems` (visual.Problem): images as files, every
-  third one a PNG, the rest .npy; one row holds two images."""
+def _write(d, mix):
+  """`visual.write_prompt_files` (.npy images), then every third image
+  row's image as a PNG instead, and one more row with two images."""
   from PIL import Image  # noqa: PLC0415
 
-  rows = []
-  for i, p in enumerate(problems):
-    row = dict(question=p.question, answer=p.answer, trace=p.trace,
-               kind="exact", difficulty=p.difficulty)  # fmt: skip
-    names = []
-    for j, im in enumerate(p.images):
-      name = f"img/{split}{i}_{j}." + ("png" if i % 3 == 2 else "npy")
-      if name.endswith(".png"):
-        Image.fromarray(im).save(d / name)
-      else:
-        np.save(d / name, im)
-      names.append(name)
-    if names:
-      row["image"] = names[0] if i % 2 else names
-    rows.append(row)
-  pair = next(r for r in rows if "image" in r)  # a second image, too
-  first = pair["image"] if isinstance(pair["image"], str) else pair["image"][0]
-  rows.append(dict(pair, question=pair["question"] + " Also <image>.",
-                   image=[first, first]))  # fmt: skip
-  (d / f"{split}.jsonl").write_text(
-    "".join(json.dumps(r) + "\n" for r in rows))
+  for path in visual.write_prompt_files(mix, str(d)).values():
+    with open(path) as f:
+      rows = [json.loads(line) for line in f]
+    imaged = [r for r in rows if "image" in r]
+    for r in imaged[::3]:
+      png = r["image"].replace(".npy", ".png")
+      Image.fromarray(np.load(d / r["image"])).save(d / png)
+      r["image"] = png
+    rows.append(dict(imaged[1], question=imaged[1]["question"] + " and "
+                     "<image>", image=[imaged[0]["image"],
+                                       imaged[1]["image"]]))  # fmt: skip
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def _config(data_dir, **task):
+def _config(data_dir):
   c = config_lib.load(os.path.join(ROOT, "experiments/vision.py"),
-                      "runlocal")  # fmt: skip
-  c.stages = ("sft", "tower", "rl")
-  c.task = dict(name="jsonl", data_dir=str(data_dir),
-                sft_files=("sft.jsonl",), rl_files=("rl.jsonl",),
-                eval_files=("eval.jsonl",), default_kind="exact", **task)
-  c.sft.steps, c.tower.steps = 2, 2
+                      f"runlocal,prompts={data_dir}")  # fmt: skip
+  c.stages = ("sft", "rl")
+  c.sft.update(steps=0, image_share=0.5)  # 4 image rows of 8
   c.rl.iterations = 1
   c.eval.update(num_samples=2, greedy=False)
   return c
@@ -64,22 +56,22 @@ def _config(data_dir, **task):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   d = tmp_path_factory.mktemp("prompts")
-  (d / "img").mkdir()
   mix = visual.splits(
     seed=0, num_sft=24, num_rl=16, num_eval=8, min_steps=2, max_steps=3,
     ops="+-", max_operand=3,
     visual=visual.VisualConfig(tasks=("arith", "rendered", "count"),
                                cell=CELL, grid=3),
   )  # fmt: skip
-  for split, problems in mix.items():
-    _write_split(d, split, problems)
+  _write(d, mix)
   return d
 
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
-  """The run, with each call of `images.pack_or_none` (RL's and the
-  sampler's batches) recorded: how many of its rows hold images."""
+  """The run, with the rows holding images recorded per batch that
+  `images.pack_or_none` laid out (RL's updates, the sampler's calls; the
+  warm-up's image rows are checked by `sft.dataset`, which refuses
+  sft.image_share > 0 without them)."""
   packed = []
   real = images_lib.pack_or_none
 
@@ -99,10 +91,10 @@ def run(data, tmp_path_factory):
 
 def test_image_rows_reach_every_stage(data, run):
   summary, packed, workdir = run
-  for stage in ("sft", "tower", "rl"):
+  for stage in ("sft", "rl"):
     res = summary["results"][stage]
     assert {"pass1_text", "pass1_image"} <= set(res), (stage, res)
-  assert max(packed) > 0  # generation batches held image rows
+  assert max(packed) > 0  # RL's and the evaluations' image rows
   # RL's prompts: the image rows' patches, placeholders in their place
   ctx = pipeline.make_context(_config(data), workdir)
   try:
@@ -120,6 +112,12 @@ def test_image_rows_reach_every_stage(data, run):
         assert ids.count(ctx.s.model.image_token) == patches.n == want.n
         np.testing.assert_array_equal(patches.pixels_nxX, want.pixels_nxX)
         np.testing.assert_array_equal(patches.img_n, want.img_n)
+    # the warm-up's batches: 4 image rows of 8, their pixels in place
+    batch = sft.dataset(ctx, 0)[0]
+    rows = (batch["patch_img_BxN"] >= 0).any(axis=1)
+    assert rows.sum() == 4
+    assert (batch["tokens_BxT"] == ctx.s.model.image_token).any(1).sum() == 4
+    assert np.abs(batch["pixels_BxNxX"][rows]).sum() > 0
   finally:
     ctx.writer.close()
     ctx.rewards.close()
@@ -163,7 +161,7 @@ def test_bad_image_in_a_row_is_named_by_file_and_line(tmp_path, image,
   good, ok, bad = jsonl.load_problems([str(tmp_path / "q.jsonl")])
   assert (good.image_paths, good.images) == ((), ())
   assert ok.images[0].shape == (2, 2, 3) and bad.where.endswith("q.jsonl:4")
-  want = f"q.jsonl:4: image 0: {match}"
+  want = f"q.jsonl:4: image 0: .*{match}"
   # at the run's start, from the file's header (pixels unread) ...
   with pytest.raises(images_lib.ImageError, match=want):
     images_lib.patch_counts(bad, VIS, "rl problem 2")
@@ -211,7 +209,7 @@ def test_run_stops_at_the_start_on_a_bad_image_row(data, tmp_path):
   d.mkdir()
   for name in ("sft", "rl"):
     (d / f"{name}.jsonl").write_text((data / f"{name}.jsonl").read_text())
-  os.symlink(data / "img", d / "img")
+  os.symlink(data / "images", d / "images")
   lines = (data / "eval.jsonl").read_text().splitlines()
   np.save(d / "big.npy", np.zeros((5 * CELL, 5 * CELL, 3), np.uint8))
   lines.insert(2, json.dumps(dict(question="Big <image>?", answer="1",
