@@ -12,7 +12,14 @@ An image is a uint8 numpy array [H, W, channels] whose height and width
 are multiples of the patch size: any resolution whose patch count fits
 `max_patches` (and, with a position grid, at most `pos_grid` patches per
 side). Pixels are scaled to [-1, 1] (SigLIP's mean 0.5, std 0.5). Anything
-else is an `ImageError` that names the row (`where`) and the image.
+else is an `ImageError` that names the row (`where`; a prompt file's
+"file:line") and the image.
+
+A problem's images are its `images` (`encode_problem`): arrays held by a
+generated problem (`tasks.visual`), or a prompt-file row's files
+(`tasks.jsonl.Problem`), read lazily through a per-process cache
+(`cached_image`); `patch_counts` checks either from shapes alone (file
+headers), which is how a run checks every image before it trains.
 """
 
 from __future__ import annotations

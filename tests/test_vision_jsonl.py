@@ -227,3 +227,17 @@ def test_run_stops_at_the_start_on_a_bad_image_row(data, tmp_path):
                      "images but model.vision is not set"):
     pipeline.run(c, str(tmp_path / "w2"))
 
+
+
+def test_long2short_sampling_refuses_image_rows(data):
+  """rs / dpo sample from the question's text alone: image rows stop them,
+  named, rather than being sampled without their images."""
+  import types  # noqa: PLC0415
+
+  from k15.stages import rs  # noqa: PLC0415
+
+  probs = jsonl.load_problems([str(data / "rl.jsonl")])
+  first = next(p for p in probs if p.image_paths)
+  ctx = types.SimpleNamespace(problems=dict(rl=probs))
+  with pytest.raises(ValueError, match=f"first: {first.where}.*text prompts"):
+    rs.sample_groups(ctx, None, n=2, num_prompts=0, temperature=1.0, seed=0)
