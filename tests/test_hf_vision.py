@@ -122,6 +122,27 @@ def test_mismatches_are_named(siglip, tmp_path):
     hf_vision.vision_config_from_hf(str(tmp_path))
 
 
+def test_a_run_checks_vision_init_before_any_stage(siglip):
+  """A vision section that differs from model.vision.init's config.json
+  stops the run at its settings, naming the field (not when the tower
+  stage starts, after the warm-up has trained)."""
+  import os  # noqa: PLC0415
+
+  from k15 import config_lib, pipeline  # noqa: PLC0415
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = config_lib.load(os.path.join(root, "experiments/vision.py"),
+                      "runlocal")  # fmt: skip
+  c.model.vision.init = siglip[1]
+  with pytest.raises(config_lib.ConfigError, match=r"model.vision.init="
+                     r".*model.vision.patch_size=6 but .*patch_size -> 2"):
+    pipeline.settings(c)
+  c.model.vision.init = "/nonexistent"
+  with pytest.raises(config_lib.ConfigError, match=r"model.vision.init="
+                     r"'/nonexistent': .*no config.json"):
+    pipeline.settings(c)
+
+
 # experiments/vision.py:runlocal's tower (6-pixel patches, a 16 x 16 grid)
 RUNLOCAL_SIGLIP = dict(hidden_size=32, intermediate_size=64,
                        num_hidden_layers=1, num_attention_heads=2,
