@@ -110,8 +110,8 @@ def evaluate(params, problems: Sequence, rng: jax.Array, *,
   if cfg.max_problems:
     problems = problems[:cfg.max_problems]
   gen = cfg.gen(gen)
-  enc = [images_lib.encode_prompt(tok, p.question, getattr(p, "images", ()),
-                                  model=model, where=f"eval problem {i}")
+  enc = [images_lib.encode_problem(tok, p, model=model,
+                                   where=f"eval problem {i}")
          for i, p in enumerate(problems)]
   prompts, imgs = [e[0] for e in enc], [e[1] for e in enc]
   rows = [p.to_item() for p in problems]

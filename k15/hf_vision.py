@@ -99,7 +99,9 @@ def vision_config_from_hf(path: str, **overrides: Any) -> vision.VisionConfig:
   return vision.VisionConfig(**fields)
 
 
-def _check_matches(v: vision.VisionConfig, path: str) -> None:
+def check_matches(v: vision.VisionConfig, path: str) -> None:
+  """Raises naming the field where `v` differs from the checkpoint's
+  config.json (the shape fields a checkpoint fixes)."""
   want = vision_config_from_hf(path)
   for name, hf_name in _HF_NAMES.items():
     ours, theirs = getattr(v, name), getattr(want, name)
@@ -121,7 +123,7 @@ def import_tower(path: str, *, model: model_lib.ModelConfig) -> dict:
   v = model.vision
   if v is None:
     raise ValueError("hf_vision: the model has no tower (model.vision)")
-  _check_matches(v, path)
+  check_matches(v, path)
   dtype = np.dtype(model.param_dtype)
   E, Hv, Dv, M, L = v.width, v.num_heads, v.head_dim, v.mlp_dim, v.num_layers
   p, C, G = v.patch_size, v.channels, v.pos_grid

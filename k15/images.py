@@ -12,13 +12,22 @@ An image is a uint8 numpy array [H, W, channels] whose height and width
 are multiples of the patch size: any resolution whose patch count fits
 `max_patches` (and, with a position grid, at most `pos_grid` patches per
 side). Pixels are scaled to [-1, 1] (SigLIP's mean 0.5, std 0.5). Anything
-else is an `ImageError` that names the row (`where`) and the image.
+else is an `ImageError` that names the row (`where`; a prompt file's
+"file:line") and the image.
+
+A problem's images are its `images` (`encode_problem`): arrays held by a
+generated problem (`tasks.visual`), or a prompt-file row's files
+(`tasks.jsonl.Problem`), read lazily through a per-process cache
+(`cached_image`); `patch_counts` checks either from shapes alone (file
+headers), which is how a run checks every image before it trains.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,17 +62,26 @@ def check_image(image: Any, v: vision.VisionConfig, where: str) -> np.ndarray:
   if not isinstance(image, np.ndarray):
     raise ImageError(f"{where}: is a {type(image).__name__}, not a numpy "
                      "array [H, W, C]")  # fmt: skip
-  if image.dtype != np.uint8:
-    raise ImageError(f"{where}: has dtype {image.dtype}; images are uint8 "
+  check_shape(image.shape, image.dtype, v, where)
+  return image
+
+
+def check_shape(shape: tuple[int, ...], dtype: Any, v: vision.VisionConfig,
+                where: str) -> int:  # fmt: skip
+  """The patch count of an image of this shape and dtype, if the tower
+  takes it, else an ImageError naming it (`where`)."""
+  if np.dtype(dtype) != np.uint8:
+    raise ImageError(f"{where}: has dtype {dtype}; images are uint8 "
                      "[H, W, C] (0..255)")  # fmt: skip
+  shape = tuple(shape)
   p, c = v.patch_size, v.channels
-  if image.ndim != 3 or image.shape[2] != c:
-    raise ImageError(f"{where}: has shape {image.shape}; expected "
+  if len(shape) != 3 or shape[2] != c:
+    raise ImageError(f"{where}: has shape {shape}; expected "
                      f"[H, W, {c}] (model.vision.channels={c})")
-  h, w = image.shape[0] // p, image.shape[1] // p
-  if h * p != image.shape[0] or w * p != image.shape[1] or not h * w:
+  h, w = shape[0] // p, shape[1] // p
+  if h * p != shape[0] or w * p != shape[1] or not h * w:
     raise ImageError(
-      f"{where}: has shape {image.shape}; height and width must be "
+      f"{where}: has shape {shape}; height and width must be "
       f"positive multiples of model.vision.patch_size={p}"
     )
   if h * w > v.max_patches:
@@ -76,7 +94,7 @@ def check_image(image: Any, v: vision.VisionConfig, where: str) -> np.ndarray:
       f"{where}: is {h}x{w} patches; the position grid holds at most "
       f"{v.pos_grid} per side (model.vision.pos_grid)"
     )
-  return image
+  return h * w
 
 
 def patchify(image: np.ndarray, v: vision.VisionConfig, where: str
@@ -137,6 +155,69 @@ def encode_prompt(tok: tokenizer_lib.Tokenizer, question: str,
   return ids, patches
 
 
+def encode_problem(tok: tokenizer_lib.Tokenizer, p: Any, *, model,
+                   where: str) -> tuple[list[int], Patches | None]:  # fmt: skip
+  """`encode_prompt` of a problem (its `question` and `images`, if any):
+  the stages' and the evaluation's one entry. Errors name the problem's
+  own `where` (a prompt file's "file:line") when it has one, else
+  `where`."""
+  where = getattr(p, "where", "") or where
+  return encode_prompt(tok, p.question, getattr(p, "images", ()),
+                       model=model, where=where)  # fmt: skip
+
+
+def patch_counts(p: Any, v: vision.VisionConfig | None,
+                 where: str) -> list[int]:  # fmt: skip
+  """The patch count of each image of a problem, every image checked
+  (`check_shape`) without reading pixels where they are in files: a
+  prompt-file row's (`image_paths`) from the files' headers, a generated
+  problem's from its arrays. ImageError names the problem and image."""
+  where = getattr(p, "where", "") or where
+  paths = getattr(p, "image_paths", ())
+  if paths:
+    shapes = [file_shape(f, f"{where}: image {i}")
+              for i, f in enumerate(paths)]  # fmt: skip
+  else:
+    ims = getattr(p, "images", ())
+    shapes = [check_array(im, f"{where}: image {i}")
+              for i, im in enumerate(ims)]  # fmt: skip
+  if not shapes:
+    return []
+  if v is None:
+    raise ImageError(f"{where}: has images but model.vision is not set")
+  counts = [check_shape(shape, dtype, v, f"{where}: image {i}")
+            for i, (shape, dtype) in enumerate(shapes)]  # fmt: skip
+  if sum(counts) > v.max_patches:
+    sizes = " + ".join(str(n) for n in counts)
+    raise ImageError(
+      f"{where}: its {len(counts)} images have {sizes} = {sum(counts)} "
+      f"patches, more than model.vision.max_patches={v.max_patches} per "
+      "sequence"
+    )
+  return counts
+
+
+def check_array(image: Any, where: str) -> tuple[tuple[int, ...], Any]:
+  """(shape, dtype) of an in-memory image, which must be a numpy array."""
+  if not isinstance(image, np.ndarray):
+    raise ImageError(f"{where}: is a {type(image).__name__}, not a numpy "
+                     "array [H, W, C]")  # fmt: skip
+  return image.shape, image.dtype
+
+
+def prompt_length(tok: tokenizer_lib.Tokenizer, question: str,
+                  counts: Sequence[int], where: str) -> int:  # fmt: skip
+  """Tokens of `encode_prompt`'s ids for a question whose images have
+  `counts` patches, without the pixels."""
+  parts = tokenizer_lib.format_prompt(question).split(MARKER)
+  if len(parts) - 1 != len(counts):
+    raise ImageError(
+      f"{where}: the question has {len(parts) - 1} {MARKER} markers but "
+      f"the row has {len(counts)} images"
+    )
+  return sum(len(tok.encode(t)) for t in parts) + sum(counts)
+
+
 def pack(rows: Sequence[Patches | None], v: vision.VisionConfig
          ) -> dict[str, np.ndarray]:  # fmt: skip
   """The tower's inputs for a batch (`vision.IMAGE_KEYS`): row b's patches
@@ -173,13 +254,7 @@ def load_image(path: str, where: str) -> np.ndarray:
       return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
       raise ImageError(f"{where}: cannot read {path} ({e})") from None
-  try:
-    from PIL import Image  # noqa: PLC0415 - optional dependency
-  except ImportError:
-    raise ImageError(
-      f"{where}: reading {os.path.basename(path)} needs Pillow (pip install "
-      "-e '.[vision]'); .npy images need nothing"
-    ) from None
+  Image = _pil(path, where)
   try:
     with Image.open(path) as im:
       return np.asarray(im.convert("RGB"), np.uint8)
@@ -201,3 +276,81 @@ def row_images(row: Mapping[str, Any], *, base_dir: str, where: str
                      "of paths")  # fmt: skip
   return [load_image(os.path.join(base_dir, p), f"{where}: image {i}")
           for i, p in enumerate(paths)]  # fmt: skip
+
+
+def file_shape(path: str, where: str) -> tuple[tuple[int, ...], Any]:
+  """(shape, dtype) of an image file as `load_image` would return it,
+  from its header only (.npy: memory-mapped, never read; others: Pillow
+  reads the size, not the pixels)."""
+  if not os.path.exists(path):
+    raise ImageError(f"{where}: image file {path} does not exist")
+  if path.endswith(".npy"):
+    try:
+      a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ImageError(f"{where}: cannot read {path} ({e})") from None
+    return a.shape, a.dtype
+  Image = _pil(path, where)
+  try:
+    with Image.open(path) as im:
+      return (im.height, im.width, 3), np.dtype(np.uint8)  # as RGB
+  except OSError as e:
+    raise ImageError(f"{where}: cannot read {path} ({e})") from None
+
+
+def _pil(path: str, where: str):
+  try:
+    from PIL import Image  # noqa: PLC0415 - optional dependency
+  except ImportError:
+    raise ImageError(
+      f"{where}: reading {os.path.basename(path)} needs Pillow (pip install "
+      "-e '.[vision]'); .npy images need nothing"
+    ) from None
+  return Image
+
+
+# Prompt-file images are read lazily, when a stage first encodes the row's
+# prompt, not when the file is loaded: a prompt set may name far more
+# pixels than fit in memory (RL draws a few hundred prompts per iteration
+# from sets of many thousands), and the run's start only reads the files'
+# headers (`patch_counts`). What was read stays in this per-process LRU
+# cache, bounded in bytes, so evaluation (the same held-out rows at every
+# eval) and RL's repeated draws do not re-decode the same files.
+CACHE_BYTES = 512 << 20
+
+
+class _Cache:
+  def __init__(self, max_bytes: int):
+    self.max_bytes, self.bytes = max_bytes, 0
+    self.items: collections.OrderedDict[str, np.ndarray] = (
+      collections.OrderedDict())
+    self.lock = threading.Lock()
+
+  def get(self, path: str, where: str) -> np.ndarray:
+    with self.lock:
+      if path in self.items:
+        self.items.move_to_end(path)
+        return self.items[path]
+    im = load_image(path, where)
+    im.setflags(write=False)  # shared: read-only
+    with self.lock:
+      if path not in self.items:
+        self.items[path] = im
+        self.bytes += im.nbytes
+      while self.bytes > self.max_bytes and len(self.items) > 1:
+        _, old = self.items.popitem(last=False)
+        self.bytes -= old.nbytes
+    return im
+
+  def clear(self) -> None:
+    with self.lock:
+      self.items.clear()
+      self.bytes = 0
+
+
+_CACHE = _Cache(CACHE_BYTES)
+
+
+def cached_image(path: str, where: str) -> np.ndarray:
+  """`load_image(path)` through the per-process cache (read-only array)."""
+  return _CACHE.get(path, where)

@@ -59,6 +59,7 @@ from k15 import (
   tasks,
   train,
 )
+from k15 import images as images_lib
 from k15 import metrics as metrics_lib
 from k15 import model as model_lib
 from k15 import rewards as rewards_lib
@@ -280,6 +281,15 @@ def _check_vision(s: Settings, vocab_size) -> None:
     raise ValueError(
       f"config: {need[0]} needs a vision tower; set model.vision"
     )
+  if v is not None and v.init and "tower" in s.stages:
+    # the tower stage imports it: a mismatch stops the run now, not after
+    # the language-only warm-up has trained
+    from k15 import hf_vision  # noqa: PLC0415 - safetensors only with init
+
+    try:
+      hf_vision.check_matches(v, v.init)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"config: model.vision.init={v.init!r}: {e}") from e
   if v is not None and not s.init and vocab_size is not None and (
     s.model.image_token < vocab_size
   ):
@@ -381,18 +391,26 @@ def check_sandbox(problems: dict[str, list], s: Settings) -> None:
 
 
 def check_lengths(problems: dict[str, list], tok, s: Settings) -> None:
-  """Every prompt fits rollout.prompt_len and every warm-up trace the
-  rows' response width, or the run stops naming the row (file:line for
-  prompt files). Raises ConfigError."""
+  """Every prompt fits rollout.prompt_len (its image markers expanded to
+  their images' patches) and every warm-up trace the rows' response width,
+  or the run stops naming the row (file:line for prompt files). Every
+  image is checked against model.vision here, before any training: a
+  prompt file's from its files' headers (the pixels are read when a
+  stage needs them). Raises ConfigError."""
   ro = s.rollout
   for split in ("sft", "rl", "eval"):
     for i, p in enumerate(problems.get(split, ())):
       where = getattr(p, "where", "") or f"task {split} problem {i}"
-      n = len(tok.encode(tokenizer_lib.format_prompt(p.question)))
+      try:
+        counts = images_lib.patch_counts(p, s.model.vision, where)
+        n = images_lib.prompt_length(tok, p.question, counts, where)
+      except images_lib.ImageError as e:
+        raise config_lib.ConfigError(str(e)) from e
       if n > ro.prompt_len:
+        what = " (its images' patches included)" if counts else ""
         raise config_lib.ConfigError(
-          f"{where}: the prompt is {n} tokens, more than rollout.prompt_len="
-          f"{ro.prompt_len}"
+          f"{where}: the prompt is {n} tokens{what}, more than "
+          f"rollout.prompt_len={ro.prompt_len}"
         )
       if split == "sft":
         m = len(tok.encode(p.trace)) + 1

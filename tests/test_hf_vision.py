@@ -120,3 +120,110 @@ def test_mismatches_are_named(siglip, tmp_path):
     dict(model_type="clip_vision_model")))
   with pytest.raises(ValueError, match="clip_vision_model checkpoint"):
     hf_vision.vision_config_from_hf(str(tmp_path))
+
+
+def test_a_run_checks_vision_init_before_any_stage(siglip):
+  """A vision section that differs from model.vision.init's config.json
+  stops the run at its settings, naming the field (not when the tower
+  stage starts, after the warm-up has trained)."""
+  import os  # noqa: PLC0415
+
+  from k15 import config_lib, pipeline  # noqa: PLC0415
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = config_lib.load(os.path.join(root, "experiments/vision.py"),
+                      "runlocal")  # fmt: skip
+  c.model.vision.init = siglip[1]
+  with pytest.raises(config_lib.ConfigError, match=r"model.vision.init="
+                     r".*model.vision.patch_size=6 but .*patch_size -> 2"):
+    pipeline.settings(c)
+  c.model.vision.init = "/nonexistent"
+  with pytest.raises(config_lib.ConfigError, match=r"model.vision.init="
+                     r"'/nonexistent': .*no config.json"):
+    pipeline.settings(c)
+
+
+# experiments/vision.py:runlocal's tower (6-pixel patches, a 16 x 16 grid)
+RUNLOCAL_SIGLIP = dict(hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2,
+                       num_channels=3, image_size=96, patch_size=6,
+                       hidden_act="gelu_pytorch_tanh",
+                       layer_norm_eps=1e-6)  # fmt: skip
+
+
+def test_vision_run_starts_its_tower_from_an_imported_siglip(
+  tmp_path, monkeypatch
+):
+  """experiments/vision.py:runlocal (sft -> tower) with model.vision.init
+  at a random SiglipVisionModel of its tower's shape: the tower stage
+  starts from exactly the imported weights (and sft's LM), trains, and
+  leaves the LM bitwise as sft left it. (sft takes 0 steps: its
+  state is the init, which is all the tower stage reads of it.)"""
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  import os  # noqa: PLC0415
+
+  from k15 import config_lib, pipeline  # noqa: PLC0415
+  from k15.stages import tower  # noqa: PLC0415
+
+  torch.manual_seed(2)
+  ref = transformers.SiglipVisionModel(
+    transformers.SiglipVisionConfig(**RUNLOCAL_SIGLIP))
+  path = str(tmp_path / "siglip")
+  ref.save_pretrained(path)
+  assert os.path.exists(os.path.join(path, "model.safetensors"))
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = config_lib.load(os.path.join(root, "experiments/vision.py"),
+                      "runlocal")  # fmt: skip
+  c.stages = ("sft", "tower")
+  c.model.vision.init = path
+  c.task.update(num_sft=40, num_rl=8, num_eval=8)
+  c.sft.steps, c.tower.steps = 0, 2  # sft: the LM's init, evaluated
+  c.eval.update(num_samples=1, greedy=False)
+
+  seen = {}
+
+  def numpy(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+  def start(ctx, states):
+    seen["sft"] = numpy(states["sft"].params["params"])
+    carry = tower.STAGE.start(ctx, states)
+    seen["start"] = numpy(carry.state.params["params"])
+    seen["imported"] = hf_vision.import_tower(path, model=ctx.s.model)
+    return carry
+
+  def save(carry):
+    seen["end"] = numpy(carry.state.params["params"])
+    return tower.STAGE.save(carry)
+
+  monkeypatch.setitem(pipeline.STAGES, "tower", dataclasses.replace(
+    tower.STAGE, start=start, save=save))  # fmt: skip
+  summary = pipeline.run(c, str(tmp_path / "run"))
+  assert {"sft", "tower"} <= set(summary["results"])
+
+  sft, start, end = seen["sft"], seen["start"], seen["end"]
+  # (a) before any update: the tower is the checkpoint's, bitwise; the LM
+  # and the (not imported) projector are sft's
+  jax.tree.map(np.testing.assert_array_equal, start["vision"],
+               seen["imported"])  # fmt: skip
+  (hf_patch,) = [v.detach().numpy() for k, v in ref.state_dict().items()
+                 if k.endswith("embeddings.patch_embedding.weight")]
+  np.testing.assert_array_equal(  # and that is HF's patch embedding
+    start["vision"]["patch_kernel"],
+    hf_patch.transpose(2, 3, 1, 0).reshape(6 * 6 * 3, 32))  # fmt: skip
+  assert not np.array_equal(start["vision"]["patch_kernel"],
+                            sft["vision"]["patch_kernel"])  # fmt: skip
+  # (b) the stage trained the tower and projector only
+  assert set(tower.TRAINABLE) < set(sft)
+  for name in sft:
+    pairs = list(zip(jax.tree.leaves(start[name]), jax.tree.leaves(end[name]),
+                     strict=True))  # fmt: skip
+    if name in tower.TRAINABLE:
+      assert all(not np.array_equal(a, b) for a, b in pairs), name
+    else:
+      assert all(a.tobytes() == b.tobytes() for a, b in pairs), name
+      assert all(a.tobytes() == b.tobytes() for a, b in zip(
+        jax.tree.leaves(sft[name]), jax.tree.leaves(start[name]),
+        strict=True)), name  # fmt: skip

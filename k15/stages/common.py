@@ -89,14 +89,23 @@ class Context:
              ) -> tuple[list[int], images_lib.Patches | None]:  # fmt: skip
     """Problem i of `split`: its prompt ids under the chat template, each
     image marker expanded to its patches' placeholders, and the patches
-    (None for a text problem). Cached: RL asks again for every segment."""
+    (None for a text problem). Cached: RL asks again for every segment;
+    a prompt file's images (`jsonl.Problem.image_paths`, read lazily) are
+    cut into patches again from the image cache at each ask, so this cache
+    never holds every RL prompt's pixels."""
+    p = self.problems[split][i]
+    where = f"{split} problem {i}"
     if (split, i) not in self.prompts:
-      p = self.problems[split][i]
-      self.prompts[split, i] = images_lib.encode_prompt(
-        self.tok, p.question, getattr(p, "images", ()), model=self.s.model,
-        where=f"{split} problem {i}",
-      )  # fmt: skip
-    return self.prompts[split, i]
+      ids, patches = images_lib.encode_problem(self.tok, p, model=self.s.model,
+                                               where=where)  # fmt: skip
+      lazy = bool(getattr(p, "image_paths", ()))
+      self.prompts[split, i] = ids, None if lazy else patches
+      return ids, patches
+    ids, patches = self.prompts[split, i]
+    if patches is None and getattr(p, "image_paths", ()):
+      patches = images_lib.patches_of(p.images, self.s.model.vision,
+                                      p.where or where)  # fmt: skip
+    return ids, patches
 
   def rng(self, seed: int, step: int) -> jax.Array:
     """The key of (run seed, stream `seed`, step): a resumed run draws what

@@ -69,6 +69,15 @@ def sample_groups(
   prompts, from `params` (rs and dpo share it)."""
   problems = ctx.problems["rl"]
   problems = problems[:num_prompts] if num_prompts else problems
+  imaged = [i for i, p in enumerate(problems)
+            if getattr(p, "image_paths", ()) or getattr(p, "images", ())]
+  if imaged:  # rejection.sample prompts with the question's text only
+    p = problems[imaged[0]]
+    raise ValueError(
+      f"rs / dpo: {len(imaged)} RL problems have images (first: "
+      f"{getattr(p, 'where', '') or f'rl problem {imaged[0]}'}); the "
+      "long2short sampling stages take text prompts only"
+    )
   return rejection.sample(
     params,
     problems,

@@ -78,10 +78,8 @@ def examples(ctx: common.Context) -> list[tuple]:
   problem, its images expanded (`images.encode_prompt`)."""
   out = []
   for i, p in enumerate(ctx.problems["sft"]):
-    prompt, patches = images_lib.encode_prompt(
-      ctx.tok, p.question, getattr(p, "images", ()), model=ctx.s.model,
-      where=f"sft problem {i}",
-    )  # fmt: skip
+    prompt, patches = images_lib.encode_problem(
+      ctx.tok, p, model=ctx.s.model, where=f"sft problem {i}")
     response = ctx.tok.encode(p.trace) + [ctx.tok.eos_id]
     out.append((prompt, response, patches))
   return out

@@ -175,9 +175,13 @@ class TaskConfig:
     if self.name != "jsonl":
       return list(get(self.name).tokenizer_corpus())
     from k15 import tokenizer  # noqa: PLC0415
+    from k15.tasks import jsonl  # noqa: PLC0415
 
+    # image markers are never encoded (`images.encode_prompt` cuts the
+    # prompt at them), so they are no text to learn pieces of
     return [
-      tokenizer.format_prompt(p.question) + p.trace
+      tokenizer.format_prompt(p.question.replace(jsonl.IMAGE_MARKER, ""))
+      + p.trace
       for split in ("sft", "rl")
       for p in problems[split]
     ]

@@ -27,10 +27,13 @@ One JSON object per line:
 - `trace` (optional): a string, the response the SFT warm-up imitates;
 - `image` (optional): an image file path, or a list of them, relative to
   the JSONL file's directory, one per `<image>` marker of the question
-  (`k15.images`): a path that is not there, or a marker count that differs,
-  is a bad row naming the line and the image. The pixels themselves are
-  checked when the row's prompt is encoded (`images.encode_prompt`, whose
-  errors name the row too);
+  (`k15.images`; .npy uint8 [H, W, C] arrays, or PNG / JPEG / ... read as
+  RGB with Pillow): a path that is not there, or a marker count that
+  differs, is a bad row naming the line and the image. A run checks each
+  image's shape against `model.vision` from the file's header when it
+  starts (`pipeline.check_lengths`), and reads the pixels only when a stage
+  encodes the row's prompt (`Problem.images`); either names the row's
+  file:line;
 - other fields pass through unchanged (ids, metadata).
 
 `load_problems` reads several files into `Problem`s (what a run's task
@@ -143,7 +146,7 @@ def load(
   report = LoadReport(cfg.path)
   skipped: collections.Counter[str] = collections.Counter()
   rows: list[dict[str, Any]] = []
-  seen: dict[str, int] = {}
+  seen: dict[str, int] = {}  # row key -> first line
   try:
     f = open(cfg.path, "rb")  # noqa: SIM115 - closed below
   except OSError as e:
@@ -156,9 +159,13 @@ def load(
       where = f"{cfg.path}:{lineno}"
       try:
         row = _row(raw, cfg, count_tokens)
-        first = seen.setdefault(row["question"], lineno)
+        # an image row is its question and its images: "How many circles
+        # in <image>?" may ask about many images
+        key = json.dumps([row["question"], row.get("image")])
+        first = seen.setdefault(key, lineno)
         if first != lineno:
-          raise _BadRow("duplicate", f"repeats the question of line {first}")
+          what = "question and images" if row.get("image") else "question"
+          raise _BadRow("duplicate", f"repeats the {what} of line {first}")
       except _BadRow as e:
         msg = f"{where}: {e}"
         if cfg.on_error == "fail":
@@ -337,6 +344,14 @@ def _test_shape(t: Any) -> str | None:
   return None
 
 
+def image_paths(row: dict[str, Any], base_dir: str) -> tuple[str, ...]:
+  """A checked row's image files (its `image` field under `base_dir`, the
+  JSONL file's directory), in marker order; () for a text row."""
+  field = row.get("image")
+  paths = [] if field is None else [field] if isinstance(field, str) else field
+  return tuple(os.path.join(base_dir, p) for p in paths)
+
+
 def _check_images(row: dict[str, Any], question: str, base_dir: str) -> None:
   field = row.get("image")
   paths = [] if field is None else [field] if isinstance(field, str) else field
@@ -409,7 +424,8 @@ class Problem:
   curated pass rate (None when not curated), the prioritized sampler's
   prior; weight: the row's share of its file's mixing weight; where:
   "file:line", for errors found later (e.g. a prompt too long for the
-  model's bucket).
+  model's bucket, a bad image); image_paths: the row's image files, one
+  per `<image>` marker of the question (`images`).
   """
 
   question: str
@@ -422,6 +438,21 @@ class Problem:
   pass_rate: float | None = None
   weight: float = 1.0
   where: str = ""
+  image_paths: tuple[str, ...] = ()
+
+  @property
+  def images(self) -> tuple[Any, ...]:
+    """The row's images, uint8 [H, W, C] arrays as the generated visual
+    problems hold them (`k15.images`), read on each use through a
+    per-process cache (`images.cached_image`): lazily, so a large image
+    prompt set is never all in memory. A missing or unreadable file is an
+    ImageError naming this row's file:line and the image."""
+    if not self.image_paths:
+      return ()
+    from k15 import images  # noqa: PLC0415 - jax only for image rows
+
+    return tuple(images.cached_image(f, f"{self.where}: image {i}")
+                 for i, f in enumerate(self.image_paths))  # fmt: skip
 
   def to_item(self) -> dict[str, Any]:
     """The reward row (`k15.rewards.score`): every field of the line, the
@@ -487,6 +518,7 @@ def load_problems(
           pass_rate=None if rate is None else float(rate),
           weight=w,
           where=where,
+          image_paths=image_paths(row, os.path.dirname(path)),
         )
       )
   return out

@@ -285,3 +285,39 @@ def tokenizer_corpus(seed: int = 1234, n: int = 400) -> list[str]:
       texts.append(tokenizer.format_prompt(p.question.replace(MARKER, ""))
                    + p.trace)  # fmt: skip
   return texts
+
+
+def write_prompt_files(splits_: dict[str, list[Problem]], out_dir: str, *,
+                       png: bool = False) -> dict[str, str]:  # fmt: skip
+  """The mix as prompt files (`k15.tasks.jsonl`) for `task.name="jsonl"`:
+  out_dir/{sft,rl,eval}.jsonl, each image a file under out_dir/images
+  (.npy, or .png with Pillow when `png`) named by its row's `image` field;
+  rows of kind "exact" (the answer after `answer:`), `domain` the task.
+  Returns {split: path}."""
+  import json  # noqa: PLC0415
+  import os  # noqa: PLC0415
+
+  os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+  out = {}
+  for split, problems in splits_.items():
+    rows = []
+    for i, p in enumerate(problems):
+      row = dict(question=p.question, answer=p.answer, trace=p.trace,
+                 difficulty=p.difficulty, kind="exact", domain=p.task)
+      names = []
+      for j, im in enumerate(p.images):
+        name = f"images/{split}_{i}_{j}." + ("png" if png else "npy")
+        if png:
+          from PIL import Image  # noqa: PLC0415 - optional dependency
+
+          Image.fromarray(im).save(os.path.join(out_dir, name))
+        else:
+          np.save(os.path.join(out_dir, name), im)
+        names.append(name)
+      if names:
+        row["image"] = names[0] if len(names) == 1 else names
+      rows.append(row)
+    out[split] = os.path.join(out_dir, f"{split}.jsonl")
+    with open(out[split], "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  return out
