@@ -95,22 +95,25 @@ def get_config(arg=None):
   # eval.every > 0: RL also evaluates every N iterations (held-out curves)
   c.eval.update(every=0, every_problems=64)
   c.merge = dict(models=(), alpha=0.5)
-  c.rs = dict(n=8, num_prompts=512, steps=100, batch_size=32, lr=1e-3,
+  c.rs = dict(n=8, num_prompts=256, steps=100, batch_size=32, lr=1e-3,
               eps=1e-8, temperature=1.0)
   # beta and the pair rule (1.5x) as in the report; the reference is the
   # starting model (long:rl). The pairs separate easily (a negative is the
   # positive plus restated passes): at optim.lr (3e-4) x 100 steps the
   # loss reached 0 by step 20 and the chosen responses' log-probs fell
   # with the rejected ones (seed 0: pass@1 0.98 -> 0.13); hence a 6x
-  # smaller step and 40 steps.
-  c.dpo = dict(beta=0.1, ratio=1.5, n=8, num_prompts=512, steps=40,
+  # smaller step, and 20 steps: about one pass over the pairs (seed 1:
+  # 303 pairs from 256 prompts; 40 steps, two passes, ended with the
+  # chosen responses' implicit reward negative and pass@1 0.979 -> 0.800;
+  # 20 steps kept 0.979 and shortened 33.4 -> 28.4 tokens).
+  c.dpo = dict(beta=0.1, ratio=1.5, n=8, num_prompts=256, steps=20,
                batch_size=16, lr=5e-5, eps=0.0, temperature=1.0)
 
   if arg.arm == "long":
     c.init = f"{root}/short:sft"
     c.stages = ("sft", "rl")
     c.task.update(checks=3, min_checks=1)
-    c.sft.update(steps=200)
+    c.sft.update(steps=600)
   elif arg.arm == "merge":
     c.stages = ("merge",)
     c.merge.update(models=(f"{root}/long:rl", f"{root}/short:sft"))
