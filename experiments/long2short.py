@@ -5,9 +5,10 @@ One arm per run; the arms of one seed live side by side under ROOT and
 start from each other's checkpoints (`config.init` = ROOT/<arm>:<stage>):
 
   short     SFT from scratch on the short format     " 7 9 6 7. answer: 7"
-  long      short's weights, SFT on the long format (0-3 verification
-            passes restating the chain: " 7 9 6 7. 7 9 6 7. answer: 7"),
-            then RL (length penalty off): the long-CoT model, long:rl
+  long      short's weights, 600 SFT steps on the long format (1-3
+            verification passes restating the chain, task.min_checks=1:
+            " 7 9 6 7. 7 9 6 7. answer: 7"), then 20 RL iterations
+            (length penalty off): the long-CoT model, long:rl
   merge     0.5 * long:rl + 0.5 * short:sft, no training
   merge_rs  shortest rejection sampling from merge:merge (n = 8 samples
             per prompt, SFT on the shortest correct of each)
@@ -24,6 +25,15 @@ at T = 1, responses of up to `eval.max_response` tokens.
       --seeds 0,1,2 --workdir /tmp/k15_l2s          # every arm, the figure
   python -m k15.main --config experiments/long2short.py:arm=dpo,root=DIR \\
       --workdir DIR/dpo                             # one arm (needs long)
+
+Tuning log (seed 1, the long arm from the same short:sft). With 0-3
+passes per long trace (a quarter of them the short format) and 200 SFT
+steps the long SFT reached pass@1 0.563 at 38.4 tokens, and RL dropped the
+passes within 5 iterations (0.987 at 16.1 tokens, the short format: the
+passes were where it erred, miscopying the chain). 1-3 passes and 200
+steps: SFT 0.644 (39.3 tokens), RL 0.805 (26.7). 1-3 passes and 600 steps:
+SFT 0.931 (37.3), RL 0.979 (33.4), 2.1x the short model's 16.1 tokens.
+DPO from that model: 40 steps 0.800 (28.3 tokens), 20 steps 0.979 (28.4).
 
 Variants: arm=<one above> (default short, the one that needs no other
 arm), root=DIR (where the other arms' workdirs are),
