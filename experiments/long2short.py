@@ -5,9 +5,10 @@ One arm per run; the arms of one seed live side by side under ROOT and
 start from each other's checkpoints (`config.init` = ROOT/<arm>:<stage>):
 
   short     SFT from scratch on the short format     " 7 9 6 7. answer: 7"
-  long      short's weights, SFT on the long format (0-3 verification
-            passes restating the chain: " 7 9 6 7. 7 9 6 7. answer: 7"),
-            then RL (length penalty off): the long-CoT model, long:rl
+  long      short's weights, 600 SFT steps on the long format (1-3
+            verification passes restating the chain, task.min_checks=1:
+            " 7 9 6 7. 7 9 6 7. answer: 7"), then 20 RL iterations
+            (length penalty off): the long-CoT model, long:rl
   merge     0.5 * long:rl + 0.5 * short:sft, no training
   merge_rs  shortest rejection sampling from merge:merge (n = 8 samples
             per prompt, SFT on the shortest correct of each)
@@ -24,6 +25,15 @@ at T = 1, responses of up to `eval.max_response` tokens.
       --seeds 0,1,2 --workdir /tmp/k15_l2s          # every arm, the figure
   python -m k15.main --config experiments/long2short.py:arm=dpo,root=DIR \\
       --workdir DIR/dpo                             # one arm (needs long)
+
+Tuning log (seed 1, the long arm from the same short:sft). With 0-3
+passes per long trace (a quarter of them the short format) and 200 SFT
+steps the long SFT reached pass@1 0.563 at 38.4 tokens, and RL dropped the
+passes within 5 iterations (0.987 at 16.1 tokens, the short format: the
+passes were where it erred, miscopying the chain). 1-3 passes and 200
+steps: SFT 0.644 (39.3 tokens), RL 0.805 (26.7). 1-3 passes and 600 steps:
+SFT 0.931 (37.3), RL 0.979 (33.4), 2.1x the short model's 16.1 tokens.
+DPO from that model: 40 steps 0.800 (28.3 tokens), 20 steps 0.979 (28.4).
 
 Variants: arm=<one above> (default short, the one that needs no other
 arm), root=DIR (where the other arms' workdirs are),
@@ -95,22 +105,25 @@ def get_config(arg=None):
   # eval.every > 0: RL also evaluates every N iterations (held-out curves)
   c.eval.update(every=0, every_problems=64)
   c.merge = dict(models=(), alpha=0.5)
-  c.rs = dict(n=8, num_prompts=512, steps=100, batch_size=32, lr=1e-3,
+  c.rs = dict(n=8, num_prompts=256, steps=100, batch_size=32, lr=1e-3,
               eps=1e-8, temperature=1.0)
   # beta and the pair rule (1.5x) as in the report; the reference is the
   # starting model (long:rl). The pairs separate easily (a negative is the
   # positive plus restated passes): at optim.lr (3e-4) x 100 steps the
   # loss reached 0 by step 20 and the chosen responses' log-probs fell
   # with the rejected ones (seed 0: pass@1 0.98 -> 0.13); hence a 6x
-  # smaller step and 40 steps.
-  c.dpo = dict(beta=0.1, ratio=1.5, n=8, num_prompts=512, steps=40,
+  # smaller step, and 20 steps: about one pass over the pairs (seed 1:
+  # 303 pairs from 256 prompts; 40 steps, two passes, ended with the
+  # chosen responses' implicit reward negative and pass@1 0.979 -> 0.800;
+  # 20 steps kept 0.979 and shortened 33.4 -> 28.4 tokens).
+  c.dpo = dict(beta=0.1, ratio=1.5, n=8, num_prompts=256, steps=20,
                batch_size=16, lr=5e-5, eps=0.0, temperature=1.0)
 
   if arg.arm == "long":
     c.init = f"{root}/short:sft"
     c.stages = ("sft", "rl")
-    c.task.update(checks=3)
-    c.sft.update(steps=200)
+    c.task.update(checks=3, min_checks=1)
+    c.sft.update(steps=600)
   elif arg.arm == "merge":
     c.stages = ("merge",)
     c.merge.update(models=(f"{root}/long:rl", f"{root}/short:sft"))

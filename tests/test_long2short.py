@@ -136,6 +136,32 @@ def test_long_format_restates_the_chain():
   assert arithmetic.with_checks(short, 0, seed=4) == short
 
 
+def test_min_checks_makes_every_trace_long():
+  """task.min_checks=1 (the long arm): passes uniform in 1..checks, so no
+  warm-up trace is in the short format; min_checks=0 draws as before; a
+  min_checks outside 0..checks is a config error naming the field."""
+  short = arithmetic.generate(200, seed=3, min_steps=2, max_steps=5,
+                              ops="+-", max_operand=3)  # fmt: skip
+  long = arithmetic.with_checks(short, 3, seed=4, min_checks=1)
+  passes = {lg.trace.count(".") - 1 for lg in long}
+  assert passes == {1, 2, 3}
+  assert arithmetic.with_checks(short, 3, seed=4, min_checks=0) == (
+    arithmetic.with_checks(short, 3, seed=4)
+  )
+  for bad in (-1, 4):
+    with pytest.raises(ValueError, match="task.min_checks"):
+      arithmetic.with_checks(short, 3, seed=4, min_checks=bad)
+    with pytest.raises(ValueError, match="task.min_checks"):
+      tasks.TaskConfig(name="arithmetic", checks=3, min_checks=bad)
+  with pytest.raises(ValueError, match="task.min_checks"):
+    tasks.TaskConfig(name="arithmetic", checks=0, min_checks=1)
+  cfg = tasks.TaskConfig(name="arithmetic", num_sft=50, num_rl=10,
+                         num_eval=10, checks=2, min_checks=2)
+  assert {p.trace.count(".") - 1 for p in cfg.splits()["sft"]} == {2}
+  long_arm = _arm("long", "seed=0")
+  assert (long_arm.task.checks, long_arm.task.min_checks) == (3, 1)
+
+
 # ----------------------------------------------------------------------------
 # Long2short RL: a cut response scores as over-length, even when correct
 # ----------------------------------------------------------------------------

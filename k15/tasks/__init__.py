@@ -52,9 +52,11 @@ class TaskConfig:
   max_operand: int = 9  # arithmetic: operands 1..max_operand
   # fraction of warm-up traces with a wrong final answer (unverified data)
   sft_noise: float = 0.0
-  # > 0: the long-CoT warm-up format, each trace with 0..checks verification
-  # passes that restate its chain (arithmetic.with_checks); 0: short
+  # > 0: the long-CoT warm-up format, each trace with min_checks..checks
+  # verification passes that restate its chain (arithmetic.with_checks);
+  # 0: short. min_checks >= 1: no warm-up trace is in the short format
   checks: int = 0
+  min_checks: int = 0
   seed: int = 0
   # name="jsonl"
   rl_files: tuple[str, ...] = ()
@@ -78,6 +80,11 @@ class TaskConfig:
       raise ValueError(f"task.sft_noise={self.sft_noise} must be in [0, 1]")
     if self.checks < 0:
       raise ValueError(f"task.checks={self.checks} must be >= 0")
+    if not 0 <= self.min_checks <= self.checks:
+      raise ValueError(
+        f"task.min_checks={self.min_checks} must be in 0..task.checks "
+        f"({self.checks}): the fewest verification passes of a long trace"
+      )
     if self.checks and self.name not in ("arithmetic", "chains"):
       raise ValueError(
         f"task.checks={self.checks}: the long-CoT check format exists for "
@@ -146,7 +153,8 @@ class TaskConfig:
       sft_max_steps=self.sft_max_steps, max_operand=self.max_operand,
       sft_noise=self.sft_noise,
       **({"visual": self.visual or VisualConfig()}
-         if self.name == "visual" else {"checks": self.checks}),
+         if self.name == "visual" else
+         {"checks": self.checks, "min_checks": self.min_checks}),
     )  # fmt: skip
 
   def _jsonl_splits(self, workdir: str) -> dict[str, list]:

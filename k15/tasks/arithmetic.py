@@ -94,14 +94,15 @@ def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
 def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
            min_steps: int, max_steps: int, ops: str = OPS,
            sft_max_steps: int = 0, max_operand: int = 9,
-           sft_noise: float = 0.0, checks: int = 0
+           sft_noise: float = 0.0, checks: int = 0, min_checks: int = 0
            ) -> dict[str, list[Problem]]:
   """Disjoint warm-up / RL / evaluation sets (by question text).
 
   `sft_max_steps` (if > 0) caps the warm-up traces' difficulty below the RL
   and evaluation range: RL then has to extend the chain of thought to
   problems longer than any it imitated. `checks` > 0 gives the warm-up
-  traces the long-CoT format (`with_checks`). `sft_noise` is the fraction
+  traces the long-CoT format (`with_checks`, min_checks..checks passes).
+  `sft_noise` is the fraction
   of warm-up traces whose final answer is wrong (`noisy_answers`).
   """
   kw = dict(ops=ops, max_operand=max_operand)
@@ -114,16 +115,16 @@ def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
   used |= {p.question for p in sft}
   rl = generate(num_rl, seed=seed + 1, min_steps=min_steps,
                 max_steps=max_steps, exclude=used, **kw)
-  sft = with_checks(sft, checks, seed=seed + 4)
+  sft = with_checks(sft, checks, seed=seed + 4, min_checks=min_checks)
   sft = noisy_answers(sft, sft_noise, seed=seed + 3, alphabet="0123456789")
   return dict(sft=sft, rl=rl, eval=ev)
 
 
-def with_checks(problems: list[Problem], checks: int, *, seed: int
-                ) -> list[Problem]:
+def with_checks(problems: list[Problem], checks: int, *, seed: int,
+                min_checks: int = 0) -> list[Problem]:
   """The long-CoT format: each trace restates its chain of thought in r
-  verification passes before the answer, r uniform in 0..checks (drawn by
-  `seed`), e.g. with r = 2:
+  verification passes before the answer, r uniform in min_checks..checks
+  (drawn by `seed`), e.g. with r = 2:
 
     short:  7 9 6 7. answer: 7
     long:   7 9 6 7. 7 9 6 7. 7 9 6 7. answer: 7
@@ -132,16 +133,22 @@ def with_checks(problems: list[Problem], checks: int, *, seed: int
   that drops them loses nothing but tokens: the redundancy long2short
   methods remove. Lengths vary within the long model's own samples (r is
   its choice), which is what shortest-of-n selection and the length
-  penalty work on. checks = 0 is the short format."""
+  penalty work on. checks = 0 is the short format. With min_checks = 0
+  (the default) a quarter of the traces at checks = 3 are the short
+  format; min_checks >= 1 makes every trace long."""
   if checks < 0:
     raise ValueError(f"config: task.checks={checks} must be >= 0")
+  if not 0 <= min_checks <= checks:
+    raise ValueError(
+        f"config: task.min_checks={min_checks} must be in 0..task.checks "
+        f"({checks})")
   if checks == 0:
     return problems
   rng = np.random.default_rng(seed)
   out = []
   for p in problems:
     head, mark, tail = p.trace.rpartition(". answer:")
-    passes = int(rng.integers(0, checks + 1))
+    passes = int(rng.integers(min_checks, checks + 1))
     out.append(dataclasses.replace(
         p, trace=head + ("." + head) * passes + mark + tail))
   return out

@@ -76,7 +76,8 @@ def generate(n: int, *, seed: int, min_steps: int, max_steps: int,
 
 def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
            min_steps: int, max_steps: int, sft_max_steps: int = 0,
-           sft_noise: float = 0.0, checks: int = 0, **unused
+           sft_noise: float = 0.0, checks: int = 0, min_checks: int = 0,
+           **unused
            ) -> dict[str, list[Problem]]:
   """Disjoint warm-up / RL / evaluation sets (by prompt text); `checks`
   and `sft_noise` as in `arithmetic.with_checks` / `noisy_answers`
@@ -92,7 +93,8 @@ def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
   used |= {p.question for p in sft}
   rl = generate(num_rl, seed=seed + 1, min_steps=min_steps,
                 max_steps=max_steps, exclude=used, num_edges=edges)
-  sft = arithmetic.with_checks(sft, checks, seed=seed + 4)
+  sft = arithmetic.with_checks(sft, checks, seed=seed + 4,
+                               min_checks=min_checks)
   sft = arithmetic.noisy_answers(sft, sft_noise, seed=seed + 3,
                                  alphabet=NODES)
   return dict(sft=sft, rl=rl, eval=ev)
