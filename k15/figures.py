@@ -155,7 +155,7 @@ def run_arms(config: str, workdir: str, seeds: Sequence[int],
           f"figures: arm {arm} seed {seed} failed (exit {proc.returncode}); "
           f"end of {path}/run.log:\n{tail}"
         )
-      walls[f"seed_{seed}/{arm}"] = _wall(path, time.time() - t0)
+      walls[f"seed_{seed}/{arm}"] = sweep.add_wall(path, time.time() - t0)
       log(f"figures: seed {seed} {arm} done in {time.time() - t0:.0f} s")
     ready = [k for k in todo if all(
       done(arm_dir(workdir, k[0], d)) for d in deps[k[1]])]  # fmt: skip
@@ -200,17 +200,6 @@ def check_size(workdir: str, runlocal: bool) -> None:
     return
   with open(path, "w") as f:
     json.dump({"size": size}, f)
-
-
-def _wall(path: str, dt: float) -> float:
-  wall_path = os.path.join(path, "wall_time.json")
-  total = dt
-  if os.path.exists(wall_path):
-    with open(wall_path) as f:
-      total += json.load(f)["wall_s"]
-  with open(wall_path, "w") as f:
-    json.dump({"wall_s": total}, f)
-  return total
 
 
 def arm_wall(path: str) -> float:
@@ -512,10 +501,9 @@ def _first(cs, key) -> np.ndarray:
   return v[:, 0]
 
 
-def claims(fig: str, runs, switch: int) -> list[tuple[str, str]]:
+def claims(fig: str, runs) -> list[tuple[str, str]]:
   """(the report's claim, ours with its seed spread) for `fig`; effects
   are at the last evaluated iteration."""
-  del switch
   md = runs["md"]
   ds = difficulties(md)
 
@@ -613,10 +601,9 @@ def figure(fig: str, workdir: str, seeds: Sequence[int], *,
   base = os.path.join(workdir, fig)
   curves_csv(base + ".csv", runs, (*KEYS, *diff_keys), seeds)
   DRAW[fig](runs, base + ".png", switch=at)
-  own = sorted({a for s in seeds for a in needed(arms, exp.ARMS)
-                for a in [f"seed_{s}/{a}"]})  # fmt: skip
+  own = sorted(f"seed_{s}/{a}" for s in seeds for a in needed(arms, exp.ARMS))
   wall = sum(arm_wall(os.path.join(os.path.abspath(workdir), k)) for k in own)
-  out = dict(figure=fig, seeds=list(seeds), claims=claims(fig, runs, at),
+  out = dict(figure=fig, seeds=list(seeds), claims=claims(fig, runs),
              wall_s=wall, runs=own, command=command)  # fmt: skip
   with open(base + ".md", "w") as f:
     f.write(markdown(out))

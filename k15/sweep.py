@@ -92,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     summary = pipeline.run(config_lib.override(config, seed=seed), seed_dir)
     if summary.get("preempted"):
       return {"preempted": True}
-    per_seed[seed] = dict(summary, wall_s=_add_wall(seed_dir,
+    per_seed[seed] = dict(summary, wall_s=add_wall(seed_dir,
                                                      time.time() - t0))
   results = summarize(per_seed, targets_of(config))
   results["environment"] = about or environment()
@@ -101,8 +101,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def _add_wall(seed_dir: str, dt: float) -> float:
-  """Wall seconds spent on this seed so far, over every (resumed) call."""
+def add_wall(seed_dir: str, dt: float) -> float:
+  """Wall seconds spent on this run so far, over every (resumed) call
+  (`seed_dir`/wall_time.json, adding `dt`)."""
   os.makedirs(seed_dir, exist_ok=True)
   path = os.path.join(seed_dir, "wall_time.json")
   total = dt

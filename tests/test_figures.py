@@ -169,11 +169,11 @@ def test_claims_carry_the_effects(fake):
   exp = figures.experiment(EXP)
   runs = {a: [figures.curve(fake, s, a, exp, 2) for s in (0, 1)]
           for a in ("md", "rest", "small", "lp_on", "lp_warmup")}
-  (_, ours), = figures.claims("fig10", runs, 2)
+  (_, ours), = figures.claims("fig10", runs)
   assert "all +0.050 ± 0.000" in ours  # md - rest, the same on both seeds
-  (_, ours), = figures.claims("fig8", runs, 2)
+  (_, ours), = figures.claims("fig8", runs)
   assert "base - small +0.200 ± 0.000" in ours
-  (_, ours), = figures.claims("length_penalty", runs, 2)
+  (_, ours), = figures.claims("length_penalty", runs)
   assert "tokens on - off +0.000" in ours and "warm-up - off -4.000" in ours
 
 

@@ -95,24 +95,12 @@ def run(path: str, arg: str, workdir: str, seeds: Sequence[int]
       per_seed[seed][arm] = dict(
         stage=last, **{k: summary["results"][last][k] for k in METRICS}
       )
-    walls[seed] = _add_wall(root, time.time() - t0)
+    walls[seed] = sweep.add_wall(root, time.time() - t0)
   out = frontier(per_seed)
   out["wall_s"] = {str(k): v for k, v in walls.items()}
   out["environment"] = sweep.environment(command)
   write(workdir, out)
   return out
-
-
-def _add_wall(root: str, dt: float) -> float:
-  """Wall seconds spent on a seed over every (resumed) call."""
-  path = os.path.join(root, "wall_time.json")
-  total = dt
-  if os.path.exists(path):
-    with open(path) as f:
-      total += json.load(f)["wall_s"]
-  with open(path, "w") as f:
-    json.dump({"wall_s": total}, f)
-  return total
 
 
 def frontier(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict:
