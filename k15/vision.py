@@ -70,6 +70,10 @@ class VisionConfig:
   # side of the learned position grid; 0 = no position embedding. An
   # image may be at most pos_grid patches high and wide.
   pos_grid: int = 16
+  # stddev of the position table's init: SigLIP's 0.02 is ~1/50 of a
+  # patch embedding, which a small tower trained for a few hundred steps
+  # never grows into a usable "where" signal (experiments/vision.py: 1.0)
+  pos_init: float = 0.02
   act: str = "gelu_tanh"  # gelu_tanh (SigLIP) | gelu | quick_gelu (CLIP)
   norm_eps: float = 1e-6
   post_norm: bool = True
@@ -90,6 +94,8 @@ class VisionConfig:
         raise ValueError(
           f"model.vision.{name}={getattr(self, name)} must be >= 1"
         )
+    if self.pos_init < 0:
+      raise ValueError(f"model.vision.pos_init={self.pos_init} must be >= 0")
     if self.num_layers < 0 or self.pos_grid < 0:
       raise ValueError(
         f"model.vision.num_layers={self.num_layers} and "
@@ -248,7 +254,7 @@ class VisionTower(nn.Module):
     x_BxNxE = pixels_BxNxX.astype(dt) @ kernel.astype(dt) + bias.astype(dt)
     if v.pos_grid:
       table_GxGxE = _param(
-        self, "pos_embed", nn.initializers.normal(stddev=0.02),
+        self, "pos_embed", nn.initializers.normal(stddev=v.pos_init),
         (v.pos_grid, v.pos_grid, E), ("vision_rows", "vision_cols",
                                       "vision_embed"), pdt,
       )  # fmt: skip

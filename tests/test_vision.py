@@ -228,6 +228,8 @@ def test_missing_image_file_in_a_jsonl_row_is_named(tmp_path):
 def test_vision_config_rejects_bad_fields():
   with pytest.raises(ValueError, match="model.vision.width=10 is not a mult"):
     vision.VisionConfig(width=10, num_heads=4)
+  with pytest.raises(ValueError, match="model.vision.pos_init=-1"):
+    vision.VisionConfig(pos_init=-1.0)
   with pytest.raises(ValueError, match="model.vision.attention='ring'"):
     vision.VisionConfig(attention="ring")
   with pytest.raises(ValueError, match="model.vision.image_token=99"):
@@ -243,6 +245,14 @@ def test_tower_params_carry_their_logical_axes():
   assert names["vision"]["pos_embed"] == (
     "vision_rows", "vision_cols", "vision_embed")
   assert names["projector"]["out"] == ("projector", "embed")
+
+
+def test_pos_init_sets_the_position_tables_scale():
+  for scale in (0.02, 1.0):
+    cfg = dataclasses.replace(
+      CFG, vision=dataclasses.replace(VIS, pos_grid=16, pos_init=scale))
+    table = _params(cfg)["params"]["vision"]["pos_embed"]
+    assert abs(float(np.std(table)) / scale - 1) < 0.1
 
 
 def test_frozen_lm_stage_leaves_the_lm_bitwise_unchanged(rng):

@@ -3,6 +3,8 @@ are disjoint, and every answer is exact: it is read back from the image's
 pixels here (colours and bars cell by cell, glyphs against the font),
 independently of the generator, and the verifier takes exactly it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -91,6 +93,57 @@ def test_splits_are_deterministic_per_seed_and_disjoint():
       t: n // 5 for t in visual.TASKS}
   assert max(p.difficulty for p in a["sft"]) == 3  # task.sft_max_steps
   assert {p.difficulty for p in a["rl"]} == {2, 3, 4, 5, 6}
+
+
+def test_scene_sft_sets_the_scene_warm_up_size_only():
+  cfg = dataclasses.replace(CFG, scene_sft=30)
+  a = visual.splits(seed=5, **{**KW, "visual": cfg})
+  base = visual.splits(seed=5, **KW)
+  got = [p.task for p in a["sft"]]
+  assert {t: got.count(t) for t in visual.TASKS} == dict(
+    arith=8, rendered=8, count=30, spatial=30, chart=30)
+  for split in ("rl", "eval"):  # untouched, and still disjoint
+    assert [visual.key(p) for p in a[split]] == [visual.key(p)
+                                                 for p in base[split]]
+  keys = {s: {visual.key(p) for p in a[s]} for s in a}
+  assert not keys["sft"] & keys["eval"] and not keys["sft"] & keys["rl"]
+  assert max(p.difficulty for p in a["sft"]) == 3
+  with pytest.raises(ValueError, match="task.visual.scene_sft=-1"):
+    visual.VisualConfig(scene_sft=-1)
+
+
+def test_captions_describe_the_image_at_every_level():
+  cfg = dataclasses.replace(CFG, captions=12)
+  a = visual.splits(seed=5, **{**KW, "visual": cfg})
+  base = visual.splits(seed=5, **KW)
+  caps = [p for p in a["sft"] if p.task == "caption"]
+  assert [visual.key(p) for p in a["sft"][: -len(caps)]] == [
+    visual.key(p) for p in base["sft"]]  # the warm-up itself unchanged
+  assert len(caps) == 12 * 4  # every image task, none for arith
+  assert {p.difficulty for p in caps} == {2, 3, 4, 5, 6}  # past sft_max
+  asked = {p.question for s in a.values() for p in s if p.task == "arith"}
+  keys = {visual.key(p) for s in ("rl", "eval") for p in a[s]}
+  for p in caps:
+    (img,) = p.images
+    assert visual.key(p) not in keys
+    kind = p.question.split()[1]
+    assert p.trace == " " + p.answer
+    if kind == "read":
+      assert p.answer == _read_text(img, CFG.cell)
+      assert p.answer not in asked
+    elif kind == "list":
+      cells = _cells(img, CFG.cell)
+      want = "".join(f"{k}{r}{c}" for (r, c), k in sorted(cells.items()))
+      assert p.answer == want
+    else:
+      assert kind == "bars"
+      cells = _cells(img, CFG.cell)
+      cols = sorted({c for _, c in cells})
+      assert p.answer.split() == [
+        cells[(CFG.grid - 1, c)] + str(sum(cc == c for _, cc in cells))
+        for c in cols]
+  with pytest.raises(ValueError, match="task.visual.captions=-1"):
+    visual.VisualConfig(captions=-1)
 
 
 @pytest.mark.parametrize("task", ["count", "spatial", "chart"])

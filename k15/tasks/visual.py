@@ -59,6 +59,14 @@ class VisualConfig:
   cell: int = 6  # pixels per cell: a glyph, a shape, a bar segment
   grid: int = 4  # scene side and chart height, in cells
   wrap: int = 0  # rendered text: characters per line (0: one line)
+  # warm-up problems of each scene task (count, spatial, chart); 0: the
+  # even share of task.num_sft. Scenes are cheap to draw and the tower
+  # learns to see from many of them; the text and rendered warm-ups keep
+  # their share (the arithmetic chains of the warm-up levels are few).
+  scene_sft: int = 0
+  # perception rows added to the warm-up per image task (`caption`): the
+  # image described, over every level, no question answered
+  captions: int = 0
 
   def __post_init__(self):
     bad = [t for t in self.tasks if t not in TASKS]
@@ -72,6 +80,10 @@ class VisualConfig:
       raise ValueError(f"task.visual.grid={self.grid} must be in [2, 5]")
     if self.wrap < 0:
       raise ValueError(f"task.visual.wrap={self.wrap} must be >= 0")
+    if self.scene_sft < 0:
+      raise ValueError(f"task.visual.scene_sft={self.scene_sft} must be >= 0")
+    if self.captions < 0:
+      raise ValueError(f"task.visual.captions={self.captions} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -178,6 +190,45 @@ def as_text(p) -> Problem:
   return Problem(p.question, p.answer, p.difficulty, p.trace, p.kind, "arith")
 
 
+def _scene_cells(img: np.ndarray, cell: int) -> list[tuple[int, int, str]]:
+  """(row, col, colour letter) of every coloured cell, row-major, read
+  from the pixels."""
+  rgb = {v: k for k, v in draw.COLORS.items()}
+  out = []
+  for r in range(img.shape[0] // cell):
+    for c in range(img.shape[1] // cell):
+      px = img[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
+      ink = px.reshape(-1, 3)[(px.reshape(-1, 3) != draw.WHITE).any(-1)]
+      if len(ink):
+        out.append((r, c, rgb[tuple(int(x) for x in ink[0])]))
+  return out
+
+
+def caption(p: Problem, cfg: VisualConfig, text: str = "") -> Problem:
+  """The perception row of an image problem (the report's tower data is
+  image-text pairs: captions, OCR): its image described, no question
+  answered. `text` is what a rendered image shows.
+
+    Q: <image> read   A: 5-3-3-1-3~~~~        (rendered: the characters)
+    Q: <image> list   A: r03g12b30            (scene: colour, row, column)
+    Q: <image> bars   A: r3 g1 b4             (chart: colour, height)
+  """
+  (img,) = p.images
+  if p.task == "rendered":
+    q, trace = "read", " " + text
+  elif p.task == "chart":
+    cells = _scene_cells(img, cfg.cell)
+    cols = sorted({c for _, c, _ in cells})
+    q, trace = "bars", "".join(
+      f" {[k for _, c, k in cells if c == col][0]}"
+      f"{sum(c == col for _, c, _ in cells)}" for col in cols)
+  else:
+    q, trace = "list", " " + "".join(
+      f"{k}{r}{c}" for r, c, k in _scene_cells(img, cfg.cell))
+  return Problem(f"{MARKER} {q}", trace.strip(), p.difficulty, trace,
+                 "visual", "caption", p.images)
+
+
 _MAKERS = dict(count=make_count, spatial=make_spatial, chart=make_chart)
 
 
@@ -245,6 +296,7 @@ def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
         out[split] += [make(p) for p in arith[split][: sizes[t][j]]]
       continue
     n_sft, n_rl, n_eval = sizes[t]
+    n_sft = cfg.scene_sft or n_sft
     kw = dict(cfg=cfg, min_level=min_steps)
     ev = generate(t, n_eval, seed=seed + 2, max_level=max_steps, **kw)
     used = {key(p) for p in ev}
@@ -259,7 +311,39 @@ def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
     out["sft"] += sft
     out["rl"] += rl
     out["eval"] += ev
+  if cfg.captions:
+    asked = ({p.question for ps in arith.values() for p in ps}
+             if arith_tasks else set())  # fmt: skip
+    out["sft"] += _captions(out, cfg, asked, seed=seed, min_steps=min_steps,
+                            max_steps=max_steps, ops=ops,
+                            max_operand=max_operand)  # fmt: skip
   return out
+
+
+def _captions(out: dict[str, list[Problem]], cfg: VisualConfig,
+              asked: set[str], *,
+              seed: int, min_steps: int, max_steps: int, ops: str,
+              max_operand: int) -> list[Problem]:  # fmt: skip
+  """`cfg.captions` perception rows per image task, every level from
+  min_steps to max_steps, their images none of the sets' (by key; rendered
+  ones none of the arithmetic questions `asked`)."""
+  used = {key(p) for split in out.values() for p in split}
+  rows = []
+  for t in cfg.tasks:
+    if t == "arith":
+      continue
+    if t == "rendered":
+      for p in arithmetic.generate(
+        cfg.captions, seed=seed + 5, min_steps=min_steps,
+        max_steps=max_steps, exclude=asked, ops=ops, width=max_steps,
+        max_operand=max_operand,
+      ):  # fmt: skip
+        rows.append(caption(render(p, cfg), cfg, text=p.question))
+      continue
+    for p in generate(t, cfg.captions, seed=seed + 5, min_level=min_steps,
+                      max_level=max_steps, cfg=cfg, exclude=used):  # fmt: skip
+      rows.append(caption(p, cfg))
+  return rows
 
 
 def extract_answer(response: str) -> str | None:
