@@ -202,7 +202,7 @@ def test_same_question_on_other_images_is_not_a_duplicate(tmp_path):
 
 
 def test_run_stops_at_the_start_on_a_bad_image_row(data, tmp_path):
-  """A row whose image has more patches than model.vision.max_patches (24):
+  """A row whose image has more patches than model.vision.max_patches (18):
   the run stops before any training, naming the row; so does a vision-less
   model given image rows."""
   d = tmp_path / "data"
@@ -217,7 +217,7 @@ def test_run_stops_at_the_start_on_a_bad_image_row(data, tmp_path):
   (d / "eval.jsonl").write_text("\n".join(lines) + "\n")
   with pytest.raises(config_lib.ConfigError, match=r"eval.jsonl:3: image 0: "
                      r"has 5x5 = 25 patches, more than "
-                     r"model.vision.max_patches=24"):
+                     r"model.vision.max_patches=18"):
     pipeline.run(_config(d), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "ckpt")
   c = _config(data)
