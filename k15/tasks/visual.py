@@ -29,6 +29,11 @@ evaluation sets are disjoint (by question and image), and the rendered
 evaluation problems are exactly the text ones, drawn: the two accuracies
 compare one set of questions in two modalities.
 
+`visual.captions` > 0 adds perception rows to the warm-up (`caption`):
+per image task that many images over every level, described rather than
+asked about (`<image> read`, `<image> list`, `<image> bars`), none of
+them an RL or evaluation image or question.
+
 Rewards: arith and rendered rows are kind `arithmetic`; the others kind
 `visual`, whose verifier (`verify`) takes the one answer after `answer:`.
 """
