@@ -36,8 +36,9 @@ a shape is (docs/vision.md has the probes).
 Results (README, "The vision experiment"; seeds 0-2, 11 min 40 s for a
 seed alone on 2 cores): image pass@1 joint SFT 0.308 -> RL 0.451, SFT
 control 0.340; RL beats the control on every seed (+0.107, +0.055, +0.172),
-in spatial, chart and count; text 0.51 -> 0.84. Rendered questions do
-not share the text gain (RL 0.29 vs 0.84 as text).
+in spatial, chart and count; text 0.51 -> 0.84. With the dots on Eigen
+(the second numerics setting) seed 1 beats its control by only +0.024.
+Rendered questions do not share the text gain (RL 0.29 vs 0.84 as text).
 
 Variants: `runlocal` (a ~1 minute smoke run), `seed=N`, `prompts=DIR`:
 the prompts from files instead (`task.name="jsonl"`: DIR/sft.jsonl,
