@@ -203,7 +203,8 @@ def _scene_cells(img: np.ndarray, cell: int) -> list[tuple[int, int, str]]:
   for r in range(img.shape[0] // cell):
     for c in range(img.shape[1] // cell):
       px = img[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
-      ink = px.reshape(-1, 3)[(px.reshape(-1, 3) != draw.WHITE).any(-1)]
+      px = px.reshape(-1, 3)
+      ink = px[(px != draw.WHITE).any(-1)]
       if len(ink):
         out.append((r, c, rgb[tuple(int(x) for x in ink[0])]))
   return out
@@ -222,11 +223,11 @@ def caption(p: Problem, cfg: VisualConfig, text: str = "") -> Problem:
   if p.task == "rendered":
     q, trace = "read", " " + text
   elif p.task == "chart":
-    cells = _scene_cells(img, cfg.cell)
-    cols = sorted({c for _, c, _ in cells})
-    q, trace = "bars", "".join(
-      f" {[k for _, c, k in cells if c == col][0]}"
-      f"{sum(c == col for _, c, _ in cells)}" for col in cols)
+    bars: dict[int, tuple[str, int]] = {}  # column -> (colour, height)
+    for _, c, k in _scene_cells(img, cfg.cell):
+      bars[c] = (k, bars.get(c, (k, 0))[1] + 1)
+    q, trace = "bars", "".join(f" {k}{h}" for _, (k, h) in sorted(
+      bars.items()))
   else:
     q, trace = "list", " " + "".join(
       f"{k}{r}{c}" for r, c, k in _scene_cells(img, cfg.cell))
