@@ -63,7 +63,7 @@ def get_config(arg=None):
                 num_rl=10240, num_eval=500, seed=0,
                 visual=dict(tasks=("arith", "rendered", "count", "spatial",
                                    "chart"), cell=cell, grid=3, wrap=0,
-                            captions=512))
+                            captions=512, rendered_sft=1536))
   c.tokenizer = dict(kind="sentencepiece", vocab_size=64, path="")
   # a chart is at most 3 x 6 cells, a rendered chain 1 x 13
   c.model = dict(vocab_size=0, num_layers=2, d_model=128, num_heads=4,
@@ -101,7 +101,7 @@ def get_config(arg=None):
   if arg.runlocal:
     if not arg.prompts:
       c.task.update(num_sft=160, num_rl=320, num_eval=40)
-      c.task.visual.update(captions=8)
+      c.task.visual.update(captions=8, rendered_sft=96)
     c.model.update(d_model=64, mlp_dim=128, num_layers=1)
     c.model.vision.update(width=32, num_layers=1, mlp_dim=64)
     c.rollout.update(k=4, prompts_per_iter=8, gen_rows=32, oversample=2)

@@ -112,6 +112,26 @@ def test_scene_sft_sets_the_scene_warm_up_size_only():
     visual.VisualConfig(scene_sft=-1)
 
 
+def test_rendered_sft_sets_the_rendered_warm_up_size_only():
+  cfg = dataclasses.replace(CFG, rendered_sft=20)
+  a = visual.splits(seed=5, **{**KW, "visual": cfg})
+  base = visual.splits(seed=5, **KW)
+  got = [p.task for p in a["sft"]]
+  assert {t: got.count(t) for t in visual.TASKS} == dict(
+    arith=8, rendered=20, count=8, spatial=8, chart=8)
+  for split in ("rl", "eval"):  # untouched, and still disjoint
+    assert [visual.key(p) for p in a[split]] == [visual.key(p)
+                                                 for p in base[split]]
+  text = {p.trace for p in a["sft"] if p.task == "arith"}
+  drawn = [p for p in a["sft"] if p.task == "rendered"]
+  assert text <= {p.trace for p in drawn}  # the text rows keep twins
+  asked = {visual.key(p) for s in ("rl", "eval") for p in a[s]}
+  assert not asked & {visual.key(p) for p in drawn}
+  assert max(p.difficulty for p in drawn) == 3
+  with pytest.raises(ValueError, match="task.visual.rendered_sft=-1"):
+    visual.VisualConfig(rendered_sft=-1)
+
+
 def test_captions_describe_the_image_at_every_level():
   cfg = dataclasses.replace(CFG, captions=12)
   a = visual.splits(seed=5, **{**KW, "visual": cfg})

@@ -69,6 +69,10 @@ class VisualConfig:
   # learns to see from many of them; the text and rendered warm-ups keep
   # their share (the arithmetic chains of the warm-up levels are few).
   scene_sft: int = 0
+  # warm-up problems of the rendered task; 0: the even share. Reading
+  # glyphs needs more rows than the text twin (which also has the
+  # language-only warm-up); the extra ones are warm-up-level chains too.
+  rendered_sft: int = 0
   # perception rows added to the warm-up per image task (`caption`): the
   # image described, over every level, no question answered
   captions: int = 0
@@ -87,6 +91,9 @@ class VisualConfig:
       raise ValueError(f"task.visual.wrap={self.wrap} must be >= 0")
     if self.scene_sft < 0:
       raise ValueError(f"task.visual.scene_sft={self.scene_sft} must be >= 0")
+    if self.rendered_sft < 0:
+      raise ValueError(
+        f"task.visual.rendered_sft={self.rendered_sft} must be >= 0")
     if self.captions < 0:
       raise ValueError(f"task.visual.captions={self.captions} must be >= 0")
 
@@ -285,6 +292,8 @@ def splits(*, seed: int, num_sft: int, num_rl: int, num_eval: int,
   k = len(cfg.tasks)
   sizes = {t: [_share(n, i, k) for n in (num_sft, num_rl, num_eval)]
            for i, t in enumerate(cfg.tasks)}  # fmt: skip
+  if cfg.rendered_sft and "rendered" in sizes:
+    sizes["rendered"][0] = cfg.rendered_sft
   out: dict[str, list[Problem]] = dict(sft=[], rl=[], eval=[])
   arith_tasks = [t for t in cfg.tasks if t in ("arith", "rendered")]
   if arith_tasks:
