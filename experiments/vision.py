@@ -33,12 +33,17 @@ bars by colour and height), none of them answering a question. Scenes are
 (`model.vision.pos_init`): at SigLIP's 0.02 the tower never learned where
 a shape is (docs/vision.md has the probes).
 
+Rendered questions get 1536 warm-up problems (`task.visual.rendered_sft`),
+three times the others': with the even share the joint SFT of seed 1 did
+not read the glyphs and RL lost to the control there.
+
 Results (README, "The vision experiment"; seeds 0-2, 11 min 40 s for a
-seed alone on 2 cores): image pass@1 joint SFT 0.308 -> RL 0.451, SFT
-control 0.340; RL beats the control on every seed (+0.107, +0.055, +0.172),
-in spatial, chart and count; text 0.51 -> 0.84. With the dots on Eigen
-(the second numerics setting) seed 1 beats its control by only +0.024.
-Rendered questions do not share the text gain (RL 0.29 vs 0.84 as text).
+seed alone on 2 cores): image pass@1 joint SFT 0.336 -> RL 0.455, SFT
+control 0.351; RL beats the control on every seed (+0.110, +0.112,
++0.090), and with the dots on Eigen (the second numerics setting) by
++0.117, +0.173, +0.208, in spatial and chart above all; text 0.46 ->
+0.69. Count barely moves, and rendered questions do not share the text
+gain on the default numerics (RL 0.34 vs 0.69 as text).
 
 Variants: `runlocal` (a ~1 minute smoke run), `seed=N`, `prompts=DIR`:
 the prompts from files instead (`task.name="jsonl"`: DIR/sft.jsonl,
